@@ -1,0 +1,118 @@
+"""The `triage` command line: serve the gateway, check a config, try a routing decision."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from router.config import Config, ConfigError, config_hash, load_config
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"triage: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    import uvicorn
+
+    from router.app import create_app
+
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app = create_app(config, config_hash=config_hash(args.config))
+    except (OSError, ValueError) as exc:
+        print(f"triage: cannot load the classifier: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        app, host=host, port=port, log_level=args.log_level, access_log=args.access_log,
+        loop="uvloop", http="httptools", timeout_graceful_shutdown=args.drain_timeout_s,
+    )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    students = ", ".join(f"{m.name} (<{m.max_score})" for m in config.students) or "none"
+    print(f"{args.config}: OK — teacher {config.teacher.name}; students {students}; "
+          f"classifier {config.classifier.kind}")
+    return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    from classifiers import load_scorer
+    from router.routing import Router
+
+    scorer = load_scorer(config.classifier.kind, config.classifier.path)
+    router = Router(config)
+    score = scorer.score_text(args.text)
+    decision = router.decide(
+        config.routing.alias, None, score, router.estimate_tokens(len(args.text))
+    )
+    print(f"score {score:.3f} -> {decision.model.name} ({decision.reason})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="triage", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--drain-timeout-s", type=float, default=30.0,
+                       help="on SIGTERM, wait this long for in-flight requests")
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config", type=Path)
+    check.set_defaults(func=_check_config)
+
+    route = sub.add_parser("route", help="print the score and the model a prompt would get")
+    route.add_argument("text")
+    route.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    route.set_defaults(func=_route)
+
+    try:
+        from classifiers.cli import add_subcommands
+    except ImportError:  # pragma: no cover - the classifier CLI ships with the package
+        pass
+    else:
+        add_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `triage` command."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

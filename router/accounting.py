@@ -1,0 +1,97 @@
+"""Token usage and cost: what each attempt cost, and what the teacher would have cost.
+
+Savings are `teacher_equivalent − cost`. Every attempt is paid for (a student
+answer that was rejected and escalated costs its tokens), but only the answer
+that was served counts toward the teacher-only counterfactual, because a
+teacher-only deployment would have made exactly one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from router.config import Config
+from router.metrics import Metrics
+
+__all__ = ["Accountant", "Usage", "usage_from_body", "usage_from_event"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens of one upstream answer; `estimated` when the upstream reported none."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+
+def _usage(obj: Any) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(max(prompt, 0), max(completion, 0))
+
+
+def usage_from_body(parsed: Any) -> Usage | None:
+    """`usage` of a parsed non-streaming answer."""
+    return _usage(parsed)
+
+
+def usage_from_event(event: bytes) -> tuple[Usage | None, bool]:
+    """(usage, is_usage_only_chunk) of one SSE event; cheap when the event has no usage."""
+    if b'"usage"' not in event:
+        return None, False
+    data = event.strip()
+    if not data.startswith(b"data:"):
+        return None, False
+    try:
+        obj = orjson.loads(data[5:])
+    except orjson.JSONDecodeError:
+        return None, False
+    usage = _usage(obj)
+    usage_only = usage is not None and not obj.get("choices")
+    return usage, usage_only
+
+
+class Accountant:
+    """Turns usage into token and dollar counters."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._prices = {
+            m.name: (m.price.input_per_mtok / 1e6, m.price.output_per_mtok / 1e6)
+            for m in config.models
+        }
+        teacher = config.teacher.price
+        self._teacher_price = (teacher.input_per_mtok / 1e6, teacher.output_per_mtok / 1e6)
+
+    def cost(self, model: str, usage: Usage) -> float:
+        """USD for this usage at the model's prices."""
+        pin, pout = self._prices[model]
+        return usage.prompt_tokens * pin + usage.completion_tokens * pout
+
+    def teacher_cost(self, usage: Usage) -> float:
+        """USD for this usage at the teacher's prices."""
+        pin, pout = self._teacher_price
+        return usage.prompt_tokens * pin + usage.completion_tokens * pout
+
+    def record(self, model: str, usage: Usage, served: bool) -> None:
+        """Count one attempt's tokens and cost; `served` when its answer went to the client."""
+        m = self._metrics
+        est = "true" if usage.estimated else "false"
+        if usage.estimated:
+            m.usage_missing.labels(model).inc()
+        m.prompt_tokens.labels(model, est).inc(usage.prompt_tokens)
+        m.completion_tokens.labels(model, est).inc(usage.completion_tokens)
+        m.cost.labels(model).inc(self.cost(model, usage))
+        if served:
+            m.teacher_cost.labels(model).inc(self.teacher_cost(usage))

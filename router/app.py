@@ -1,0 +1,151 @@
+"""Assembles the gateway: routes, error handlers, `/metrics`, and the lifespan that owns clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from classifiers import Scorer, load_scorer
+from router import __version__
+from router.config import Config
+from router.errors import GatewayError, error_body
+from router.metrics import Metrics
+from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.proxy import Gateway, handle_completion
+from router.routing import REASONS
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("triage")
+
+# A teacher probe result is reused this long, so readiness checks from a
+# load balancer do not become upstream traffic.
+_READY_CACHE_S = 2.0
+
+
+def _body_schema(model: type[Any]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def create_app(
+    config: Config,
+    *,
+    scorer: Scorer | None = None,
+    registry: CollectorRegistry | None = None,
+    config_hash: str = "unknown",
+) -> FastAPI:
+    """Build the ASGI app; upstream clients open in lifespan and close on shutdown."""
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.precreate([m.name for m in config.models], REASONS)
+    metrics.build_info.labels(__version__, config_hash).set(1)
+    if scorer is None:
+        scorer = load_scorer(config.classifier.kind, config.classifier.path)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = Gateway(config, scorer, metrics)
+        app.state.gateway = gateway
+        app.state.ready_at = 0.0
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
+    app = FastAPI(
+        title="Triage",
+        version=__version__,
+        description="OpenAI-compatible gateway that routes requests to distilled students or the teacher.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=_body_schema(ChatCompletionRequest),
+        summary="Create a chat completion (routed)",
+    )
+    async def chat_completions(request: Request) -> Response:
+        return await handle_completion(request, "chat")
+
+    @app.post(
+        "/v1/completions",
+        openapi_extra=_body_schema(CompletionRequest),
+        summary="Create a text completion (routed)",
+    )
+    async def completions(request: Request) -> Response:
+        return await handle_completion(request, "completions")
+
+    models_body = {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "triage"}
+            for name in [config.routing.alias, *(m.name for m in config.models)]
+        ],
+    }
+
+    @app.get("/v1/models", summary="List the routing alias and the configured models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(models_body)
+
+    @app.get("/healthz", summary="Liveness: the process is up")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness: config loaded and a teacher endpoint reachable")
+    async def readyz(request: Request) -> JSONResponse:
+        gw: Gateway = request.app.state.gateway
+        now = time.monotonic()
+        if now - request.app.state.ready_at > _READY_CACHE_S:
+            if await gw.pools[gw.teacher.name].probe():
+                request.app.state.ready_at = now
+            else:
+                return JSONResponse(
+                    {"status": "unavailable", "reason": "no teacher endpoint is reachable"}, 503
+                )
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return Response(exc.body(), exc.status_code, media_type="application/json")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return Response(
+            error_body(str(exc.detail), type_), exc.status_code,
+            headers=exc.headers, media_type="application/json",
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, asyncio.CancelledError):  # pragma: no cover - not routed here
+            raise exc
+        # The message stays generic: exception text can carry paths or upstream detail.
+        log.exception("unhandled error on %s", request.url.path)
+        return Response(
+            error_body("The gateway hit an internal error.", "internal_error"), 500,
+            media_type="application/json",
+        )
+
+    return app

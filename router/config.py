@@ -1,0 +1,231 @@
+"""The gateway's configuration: one pydantic tree loaded from `config.yaml` and validated at start.
+
+Every section forbids unknown keys, so a typo in YAML is an error rather than a
+silently ignored setting. Secrets never live in the file: a model names the
+environment variable that holds its key (`api_key_env`), and `load_config`
+checks that the variable is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "ClassifierConfig",
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "Price",
+    "RoutingConfig",
+    "ServerConfig",
+    "format_validation_error",
+    "load_config",
+]
+
+# A model name is what clients send as `model` and what metrics label by, so it
+# is kept to a safe, bounded alphabet.
+ModelName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.:/-]*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    """Where the gateway listens and how much it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="Request bodies larger than this get 413."
+    )
+
+
+class Price(_Strict):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+
+class ModelConfig(_Strict):
+    """One routable model: a student or the teacher, served by one or more endpoints."""
+
+    name: ModelName
+    role: Literal["student", "teacher"]
+    endpoints: list[HttpUrl] = Field(min_length=1)
+    upstream_model: str = Field(min_length=1)
+    max_score: float | None = Field(None, gt=0, le=1)
+    context_window: int | None = Field(None, gt=0)
+    price: Price = Price()
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    connect_timeout_s: float = Field(2.0, gt=0)
+    read_timeout_s: float = Field(120.0, gt=0)
+    max_connections: int = Field(200, gt=0)
+    max_keepalive_connections: int = Field(50, ge=0)
+
+    @model_validator(mode="after")
+    def _max_score_for_students_only(self) -> ModelConfig:
+        if self.role == "student" and self.max_score is None:
+            raise ValueError(
+                f"model {self.name!r}: a student needs max_score (take requests scoring below it)"
+            )
+        if self.role == "teacher" and self.max_score is not None:
+            raise ValueError(
+                f"model {self.name!r}: max_score applies to students only; remove it from the teacher"
+            )
+        return self
+
+
+class ClassifierConfig(_Strict):
+    """Which complexity scorer to load: a learned artifact (`path`) or `kind: heuristic`."""
+
+    kind: Literal["learned", "heuristic"] = "learned"
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _path_for_learned(self) -> ClassifierConfig:
+        if self.kind == "learned" and self.path is None:
+            raise ValueError("a learned classifier needs `path` (or set `kind: heuristic`)")
+        return self
+
+
+class RoutingConfig(_Strict):
+    """How `model: <alias>` requests are routed and what happens on upstream failure."""
+
+    alias: str = Field("auto", min_length=1)
+    allow_override_header: bool = Field(
+        True, description="Honour the `x-triage-route: <model>` request header."
+    )
+    fallback_to_teacher: bool = Field(
+        True, description="When a student fails before answering, retry the request on the teacher."
+    )
+    retries_per_model: int = Field(
+        1, ge=0, le=5, description="Retries on another endpoint of the same model."
+    )
+    endpoint_cooldown_s: float = Field(
+        5.0, ge=0, description="How long an endpoint that failed is skipped by round-robin."
+    )
+    chars_per_token: float = Field(
+        4.0, gt=0, description="Prompt-size estimate used for context-window checks."
+    )
+
+
+class Config(_Strict):
+    """The whole gateway configuration."""
+
+    server: ServerConfig = ServerConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+    classifier: ClassifierConfig
+    routing: RoutingConfig = RoutingConfig()
+
+    @model_validator(mode="after")
+    def _one_teacher_unique_names(self) -> Config:
+        teachers = [m.name for m in self.models if m.role == "teacher"]
+        if len(teachers) != 1:
+            raise ValueError(f"exactly one model must have role: teacher (found {len(teachers)})")
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        if self.routing.alias in names:
+            raise ValueError(
+                f"routing.alias {self.routing.alias!r} is also a model name; pick another alias"
+            )
+        return self
+
+    @property
+    def teacher(self) -> ModelConfig:
+        """The one model with role teacher."""
+        return next(m for m in self.models if m.role == "teacher")
+
+    @property
+    def students(self) -> list[ModelConfig]:
+        """Students in config order (cheapest first)."""
+        return [m for m in self.models if m.role == "student"]
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The model with this name, if configured."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message lists every problem."""
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per error: the YAML path, then what is wrong."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}  {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
+    """Read, validate and resolve a config file; raise `ConfigError` listing every problem.
+
+    A relative `classifier.path` is resolved against the config file's folder.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path} has {exc.error_count()} error(s):\n"
+                          + format_validation_error(exc)) from None
+    problems = []
+    for i, m in enumerate(config.models):
+        if m.api_key_env and not env.get(m.api_key_env):
+            problems.append(
+                f"  models.{i}.api_key_env  environment variable {m.api_key_env} is not set"
+            )
+    cpath = config.classifier.path
+    if cpath is not None and not cpath.is_absolute():
+        cpath = (path.parent / cpath).resolve()
+        config = config.model_copy(
+            update={"classifier": config.classifier.model_copy(update={"path": cpath})}
+        )
+    if cpath is not None and not cpath.exists():
+        problems.append(f"  classifier.path  file not found: {cpath}")
+    if problems:
+        raise ConfigError(f"{path} has {len(problems)} error(s):\n" + "\n".join(problems))
+    return config
+
+
+def config_hash(path: Path) -> str:
+    """A short hash of the config file's bytes, for the build-info metric."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def resolve_api_key(model: ModelConfig, environ: dict[str, str] | None = None) -> str | None:
+    """The model's upstream API key from its environment variable, if it names one."""
+    env = os.environ if environ is None else environ
+    return env.get(model.api_key_env) if model.api_key_env else None

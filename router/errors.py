@@ -1,0 +1,148 @@
+"""Gateway exceptions and their OpenAI-shaped wire form.
+
+    GatewayError                    500 internal_error
+    ├── InvalidRequest              400 invalid_request_error
+    │   └── BodyTooLarge            413 invalid_request_error
+    ├── ModelNotFound               404 invalid_request_error / model_not_found
+    └── UpstreamError               502 upstream_error
+        ├── UpstreamUnavailable     502 upstream_error (connect refused, reset, bad body)
+        ├── UpstreamTimeout         504 upstream_timeout
+        └── UpstreamStatus          upstream's own status and body, passed through
+
+The wire shape is `{"error": {"message", "type", "param", "code"}}`, as the
+official OpenAI SDK parses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx2 as httpx
+import orjson
+
+__all__ = [
+    "BodyTooLarge",
+    "GatewayError",
+    "InvalidRequest",
+    "ModelNotFound",
+    "UpstreamError",
+    "UpstreamStatus",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_body",
+    "map_upstream_errors",
+]
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | int | None = None
+) -> bytes:
+    """Serialise an OpenAI error envelope."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway turns into an HTTP response."""
+
+    status_code = 500
+    type = "internal_error"
+    code: str | int | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        """The OpenAI error envelope for this error."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(GatewayError):
+    """The client's request is malformed or names something impossible."""
+
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(InvalidRequest):
+    """The request body exceeds `server.max_body_bytes`."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
+class ModelNotFound(GatewayError):
+    """The `model` is neither the routing alias nor a configured model."""
+
+    status_code = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class UpstreamError(GatewayError):
+    """An upstream model server failed."""
+
+    status_code = 502
+    type = "upstream_error"
+    # Bounded label value for metrics: what kind of failure this was.
+    kind = "error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Connect refused, connection reset, or a body that is not what the protocol promises."""
+
+    kind = "unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within its configured timeout."""
+
+    status_code = 504
+    type = "upstream_timeout"
+    kind = "timeout"
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered with an error status; its status and body go to the client."""
+
+    kind = "status"
+
+    def __init__(self, status_code: int, content: bytes, retry_after: str | None = None) -> None:
+        super().__init__(f"upstream returned HTTP {status_code}")
+        self.status_code = status_code
+        self.content = content
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """5xx and 429 may succeed elsewhere; other 4xx are the client's to fix."""
+        return self.status_code >= 500 or self.status_code == 429
+
+    def body(self) -> bytes:
+        """Pass a JSON error body through; wrap anything else in the OpenAI envelope."""
+        try:
+            parsed: Any = orjson.loads(self.content)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and "error" in parsed:
+            return self.content
+        text = self.content[:500].decode("utf-8", "replace").strip()
+        message = f"upstream returned HTTP {self.status_code}" + (f": {text}" if text else "")
+        return error_body(message, "upstream_error", None, self.status_code)
+
+
+@contextmanager
+def map_upstream_errors(model: str) -> Iterator[None]:
+    """Translate httpx transport exceptions into gateway errors, most specific first.
+
+    Messages name the configured model, never the endpoint URL or a key.
+    """
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise UpstreamTimeout(f"model {model!r} did not answer in time") from None
+    except (httpx.TransportError, httpx.DecodingError, httpx.StreamError):
+        raise UpstreamUnavailable(f"model {model!r} is unreachable") from None

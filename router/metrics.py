@@ -1,0 +1,126 @@
+"""Every Prometheus metric the gateway exports, declared once against a given registry.
+
+Labels take values from config only (model names, fixed reason and type
+vocabularies), never from a request, so series stay bounded. Known label sets
+are created at start so dashboards show zeros instead of gaps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["FALLBACK_REASONS", "UPSTREAM_ERROR_TYPES", "Metrics"]
+
+# LLM-sized: generations take seconds to minutes.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The gateway's own time per request is micro- to milliseconds.
+OVERHEAD_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+)
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+CLASSIFIER_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
+
+FALLBACK_REASONS = ("upstream_error", "timeout")
+UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated")
+STATUS_CLASSES = ("2xx", "4xx", "5xx")
+
+
+class Metrics:
+    """The gateway's metric families, bound to one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "triage_requests", "Requests answered, by serving model, route reason and status class.",
+            ["model", "reason", "status_class"], registry=registry,
+        )
+        self.routing_decisions = Counter(
+            "triage_routing_decisions", "Initial routing decisions by chosen model and reason.",
+            ["model", "reason"], registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "triage_prompt_tokens", "Prompt tokens by model; estimated=true when upstream gave no usage.",
+            ["model", "estimated"], registry=registry,
+        )
+        self.completion_tokens = Counter(
+            "triage_completion_tokens",
+            "Completion tokens by model; estimated=true when upstream gave no usage.",
+            ["model", "estimated"], registry=registry,
+        )
+        self.usage_missing = Counter(
+            "triage_usage_missing", "Upstream answers that carried no usage (tokens estimated).",
+            ["model"], registry=registry,
+        )
+        self.cost = Counter(
+            "triage_cost_usd", "Spend in USD by model, every attempt included.",
+            ["model"], registry=registry,
+        )
+        self.teacher_cost = Counter(
+            "triage_teacher_equivalent_cost_usd",
+            "What the served answers would have cost at the teacher's prices, by serving model.",
+            ["model"], registry=registry,
+        )
+        self.fallbacks = Counter(
+            "triage_fallbacks", "Requests moved from one model to the teacher, by reason.",
+            ["model", "reason"], registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "triage_upstream_errors", "Failed upstream attempts by model and error type.",
+            ["model", "type"], registry=registry,
+        )
+        self.score = Histogram(
+            "triage_classifier_score", "Complexity scores of routed requests.",
+            buckets=SCORE_BUCKETS, registry=registry,
+        )
+        self.classifier_duration = Histogram(
+            "triage_classifier_duration_seconds", "Time to score one request.",
+            buckets=CLASSIFIER_BUCKETS, registry=registry,
+        )
+        self.request_duration = Histogram(
+            "triage_request_duration_seconds", "Total request time by serving model.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.ttft = Histogram(
+            "triage_time_to_first_token_seconds", "Time to the first streamed event, by model.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "triage_upstream_duration_seconds", "Time spent waiting on upstreams, by model.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.overhead = Histogram(
+            "triage_overhead_seconds", "Gateway time per request: total minus upstream time.",
+            buckets=OVERHEAD_BUCKETS, registry=registry,
+        )
+        self.inflight = Gauge(
+            "triage_inflight_requests", "Requests in flight by model.", ["model"], registry=registry,
+        )
+        self.build_info = Gauge(
+            "triage_build_info", "Always 1; labels carry the version and config hash.",
+            ["version", "config_hash"], registry=registry,
+        )
+
+    def precreate(self, models: Iterable[str], reasons: Iterable[str]) -> None:
+        """Create the known label sets so every series exists from the first scrape."""
+        reasons = tuple(reasons)
+        for model in models:
+            for reason in reasons:
+                self.routing_decisions.labels(model, reason)
+                for status in STATUS_CLASSES:
+                    self.requests.labels(model, reason, status)
+            for estimated in ("false", "true"):
+                self.prompt_tokens.labels(model, estimated)
+                self.completion_tokens.labels(model, estimated)
+            self.usage_missing.labels(model)
+            self.cost.labels(model)
+            self.teacher_cost.labels(model)
+            for fb in FALLBACK_REASONS:
+                self.fallbacks.labels(model, fb)
+            for et in UPSTREAM_ERROR_TYPES:
+                self.upstream_errors.labels(model, et)
+            self.request_duration.labels(model)
+            self.ttft.labels(model)
+            self.upstream_duration.labels(model)
+            self.inflight.labels(model)

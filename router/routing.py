@@ -1,0 +1,90 @@
+"""The routing policy: from the requested `model`, an override header and a score to a model.
+
+The scorer only scores (`classifiers/`); this module only decides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from router.config import Config, ModelConfig
+from router.errors import ModelNotFound
+
+__all__ = ["Decision", "Reason", "Router"]
+
+Reason = Literal["classifier", "pinned", "override", "context", "fallback"]
+REASONS: tuple[Reason, ...] = ("classifier", "pinned", "override", "context", "fallback")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Which model serves a request, why, and the complexity score when one was computed."""
+
+    model: ModelConfig
+    reason: Reason
+    score: float | None
+
+
+class Router:
+    """Applies the configured policy; holds no per-request state."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._by_name = {m.name: m for m in config.models}
+        self._students = config.students
+        self._teacher = config.teacher
+        self._chars_per_token = config.routing.chars_per_token
+
+    def estimate_tokens(self, chars: int) -> int:
+        """Prompt-size estimate from characters (no tokenizer on the hot path)."""
+        return math.ceil(chars / self._chars_per_token)
+
+    def needs_score(self, requested: str, override: str | None) -> bool:
+        """Whether the decision depends on the classifier."""
+        if override is not None and self.config.routing.allow_override_header:
+            return False
+        return requested == self.config.routing.alias
+
+    def decide(
+        self,
+        requested: str,
+        override: str | None,
+        score: float | None,
+        needed_tokens: int,
+    ) -> Decision:
+        """Pick the model for one request.
+
+        `needed_tokens` is the estimated prompt size plus the completion budget the
+        client asked for; a student whose `context_window` is smaller is skipped.
+        """
+        if override is not None and self.config.routing.allow_override_header:
+            model = self._by_name.get(override)
+            if model is None:
+                raise ModelNotFound(
+                    f"The model `{override}` named by the x-triage-route header does not exist.",
+                    param="x-triage-route",
+                )
+            return Decision(model, "override", score)
+        if requested != self.config.routing.alias:
+            model = self._by_name.get(requested)
+            if model is None:
+                raise ModelNotFound(
+                    f"The model `{requested}` does not exist. Use `{self.config.routing.alias}` "
+                    "or one of the models listed at /v1/models.",
+                    param="model",
+                )
+            return Decision(model, "pinned", score)
+        assert score is not None, "auto routing needs a score"
+        skipped = False
+        for student in self._students:
+            assert student.max_score is not None
+            if score >= student.max_score:
+                continue
+            window = student.context_window
+            if window is not None and needed_tokens > window:
+                skipped = True
+                continue
+            return Decision(student, "context" if skipped else "classifier", score)
+        return Decision(self._teacher, "context" if skipped else "classifier", score)
