@@ -22,7 +22,10 @@ OVERHEAD_BUCKETS = (
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 CLASSIFIER_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
 
-FALLBACK_REASONS = ("upstream_error", "timeout")
+FALLBACK_REASONS = (
+    "upstream_error", "timeout", "empty", "length", "refusal", "invalid_json", "tool_call",
+    "low_confidence", "repetition",
+)
 UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated")
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
 
@@ -96,6 +99,32 @@ class Metrics:
         )
         self.inflight = Gauge(
             "triage_inflight_requests", "Requests in flight by model.", ["model"], registry=registry,
+        )
+        self.student_share = Gauge(
+            "triage_student_share",
+            "Share of classifier-routed requests sent to students over the recent window.",
+            registry=registry,
+        )
+        self.student_share_target = Gauge(
+            "triage_student_share_target",
+            "Configured target share of classifier-routed requests for students (NaN when unset).",
+            registry=registry,
+        )
+        self.score_threshold = Gauge(
+            "triage_score_threshold", "Effective max_score of each student right now.",
+            ["model"], registry=registry,
+        )
+        self.shadow_agreement = Histogram(
+            "triage_shadow_agreement", "Agreement in [0, 1] of a student's answer with the teacher's.",
+            ["model"], buckets=SCORE_BUCKETS, registry=registry,
+        )
+        self.shadow_cost = Counter(
+            "triage_shadow_cost_usd", "Spend on shadow teacher calls, by the student shadowed.",
+            ["model"], registry=registry,
+        )
+        self.shadow_requests = Counter(
+            "triage_shadow_requests", "Shadow comparisons by student and outcome.",
+            ["model", "outcome"], registry=registry,
         )
         self.build_info = Gauge(
             "triage_build_info", "Always 1; labels carry the version and config hash.",
