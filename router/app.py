@@ -19,9 +19,10 @@ from classifiers import Scorer, load_scorer
 from router import __version__
 from router.config import Config
 from router.errors import GatewayError, error_body
+from router.gateway import Gateway
 from router.metrics import Metrics
 from router.protocol import ChatCompletionRequest, CompletionRequest
-from router.proxy import Gateway, handle_completion
+from router.proxy import handle_completion
 from router.routing import REASONS
 
 __all__ = ["create_app"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,15 +21,18 @@ from pydantic import (
     Field,
     HttpUrl,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 __all__ = [
+    "CascadeConfig",
     "ClassifierConfig",
     "Config",
     "ConfigError",
     "ModelConfig",
     "Price",
+    "QualityChecks",
     "RoutingConfig",
     "ServerConfig",
     "format_validation_error",
@@ -61,6 +65,41 @@ class Price(_Strict):
     output_per_mtok: float = Field(0.0, ge=0)
 
 
+class QualityChecks(_Strict):
+    """Which checks a student's answer must pass before it is served (students only)."""
+
+    empty: bool = Field(True, description="Escalate an answer with no text and no tool call.")
+    length_min_chars: int = Field(
+        40, ge=0, description="Escalate finish_reason=length answers shorter than this; 0 = off."
+    )
+    refusal: bool = Field(True, description="Escalate refusals and 'I don't know' answers.")
+    refusal_patterns: list[str] | None = Field(
+        None, description="Case-insensitive regexes replacing the built-in refusal patterns."
+    )
+    json_format: bool = Field(
+        True, description="Escalate invalid JSON when response_format asks for JSON or a schema."
+    )
+    tool_calls: bool = Field(True, description="Escalate tool calls with no name or non-JSON arguments.")
+    min_mean_logprob: float | None = Field(
+        None, le=0,
+        description="Escalate when the mean token logprob is below this; asks students for logprobs.",
+    )
+    repetition_ngram: int = Field(4, ge=2, le=32)
+    repetition_max_ratio: float | None = Field(
+        0.5, gt=0, lt=1, description="Escalate when this share of word n-grams are repeats; null = off."
+    )
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns_compile(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"refusal pattern {pattern!r} is not a valid regex: {exc}") from None
+        return value
+
+
 class ModelConfig(_Strict):
     """One routable model: a student or the teacher, served by one or more endpoints."""
 
@@ -76,6 +115,7 @@ class ModelConfig(_Strict):
     read_timeout_s: float = Field(120.0, gt=0)
     max_connections: int = Field(200, gt=0)
     max_keepalive_connections: int = Field(50, ge=0)
+    checks: QualityChecks = QualityChecks()
 
     @model_validator(mode="after")
     def _max_score_for_students_only(self) -> ModelConfig:
@@ -103,6 +143,22 @@ class ClassifierConfig(_Strict):
         return self
 
 
+class CascadeConfig(_Strict):
+    """Escalation of student answers that fail a quality check."""
+
+    enabled: bool = True
+    hold_back_tokens: int = Field(
+        8, ge=1, description="Stream events held and checked before the client sees any."
+    )
+    hold_back_ms: float = Field(
+        300.0, ge=0, description="Stop holding once this long has passed since the first event."
+    )
+    max_escalation_usd: float | None = Field(
+        None, gt=0,
+        description="Skip quality escalation when the teacher call would cost more (estimate).",
+    )
+
+
 class RoutingConfig(_Strict):
     """How `model: <alias>` requests are routed and what happens on upstream failure."""
 
@@ -122,6 +178,25 @@ class RoutingConfig(_Strict):
     chars_per_token: float = Field(
         4.0, gt=0, description="Prompt-size estimate used for context-window checks."
     )
+    cascade: CascadeConfig = CascadeConfig()
+    target_student_share: float | None = Field(
+        None, gt=0, lt=1,
+        description="Move student thresholds so this share of classifier-routed traffic goes to students.",
+    )
+    min_score_threshold: float = Field(0.05, gt=0, lt=1)
+    max_score_threshold: float = Field(0.95, gt=0, le=1)
+    share_window: int = Field(2000, ge=50, description="Recent scores the share controller looks at.")
+    share_update_every: int = Field(25, ge=1, description="Requests between controller updates.")
+    shadow_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of student-served requests also sent to the teacher."
+    )
+    shadow_max_concurrency: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _threshold_bounds(self) -> RoutingConfig:
+        if self.min_score_threshold >= self.max_score_threshold:
+            raise ValueError("routing.min_score_threshold must be below routing.max_score_threshold")
+        return self
 
 
 class Config(_Strict):

@@ -12,21 +12,20 @@ Failure rules:
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from classifiers import Scorer, prompt_text
-from router.accounting import Accountant, Usage, usage_from_body, usage_from_event
-from router.config import Config, ModelConfig
+from classifiers import prompt_text
+from router.accounting import usage_from_body
+from router.config import ModelConfig
 from router.errors import (
     BodyTooLarge,
     GatewayError,
@@ -35,86 +34,21 @@ from router.errors import (
     UpstreamStatus,
     UpstreamTimeout,
     UpstreamUnavailable,
-    error_body,
 )
-from router.metrics import Metrics
+from router.exchange import Endpoint, Exchange, QualityFailure
+from router.gateway import Gateway
 from router.protocol import ChatCompletionRequest, CompletionRequest
-from router.routing import Decision, Router
-from router.upstream import ModelPool, SSEStream, UpstreamReply
+from router.quality import answer_from_body, check_answer
+from router.streaming import stream_attempt
+from router.upstream import ModelPool, UpstreamReply
 
-__all__ = ["Endpoint", "Gateway", "handle_completion"]
+__all__ = ["handle_completion"]
 
-Endpoint = Literal["chat", "completions"]
-_PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
 _MODELS: dict[Endpoint, type[BaseModel]] = {
     "chat": ChatCompletionRequest,
     "completions": CompletionRequest,
 }
 _REQUEST_ID_MAX = 128
-
-
-class Gateway:
-    """Everything a request handler needs, built once at start and shared."""
-
-    def __init__(self, config: Config, scorer: Scorer, metrics: Metrics) -> None:
-        self.config = config
-        self.scorer = scorer
-        self.metrics = metrics
-        self.router = Router(config)
-        self.accountant = Accountant(config, metrics)
-        self.pools = {
-            m.name: ModelPool(m, config.routing.endpoint_cooldown_s) for m in config.models
-        }
-        self.teacher = config.teacher
-
-    async def aclose(self) -> None:
-        """Close every upstream client."""
-        for pool in self.pools.values():
-            await pool.aclose()
-
-
-@dataclass(slots=True)
-class _Request:
-    """Per-request facts shared by the attempt loop and the response."""
-
-    gateway: Gateway
-    endpoint: Endpoint
-    request_id: str
-    started: float
-    payload: dict[str, Any]
-    decision: Decision
-    stream: bool
-    client_wants_usage: bool
-    prompt_chars: int
-    upstream_s: float = 0.0
-
-    def headers(self, model: ModelConfig, reason: str) -> dict[str, str]:
-        h = {
-            "x-triage-model": model.name,
-            "x-triage-reason": reason,
-            "x-request-id": self.request_id,
-        }
-        if self.decision.score is not None:
-            h["x-triage-score"] = f"{self.decision.score:.3f}"
-        return h
-
-    def body_for(self, model: ModelConfig) -> bytes:
-        payload = dict(self.payload)
-        payload["model"] = model.upstream_model
-        if self.stream:
-            # Always ask for usage so tokens and cost are exact; the extra
-            # chunk is removed again when the client did not ask for it.
-            options = dict(payload.get("stream_options") or {})
-            options["include_usage"] = True
-            payload["stream_options"] = options
-        return orjson.dumps(payload)
-
-    def finish(self, model: str, reason: str, status: int) -> None:
-        m = self.gateway.metrics
-        total = time.perf_counter() - self.started
-        m.requests.labels(model, reason, f"{status // 100}xx").inc()
-        m.request_duration.labels(model).observe(total)
-        m.overhead.observe(max(total - self.upstream_s, 0.0))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -176,6 +110,22 @@ def _request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
+def _budget_header(request: Request) -> float | None:
+    raw = request.headers.get("x-triage-escalation-budget-usd")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequest(
+            "x-triage-escalation-budget-usd must be a non-negative number of dollars.",
+            param="x-triage-escalation-budget-usd",
+        )
+    return value
+
+
 async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
     """Serve POST /v1/chat/completions or /v1/completions."""
     gw: Gateway = request.app.state.gateway
@@ -198,27 +148,41 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
         decision = gw.router.decide(
             requested, override, score, gw.router.estimate_tokens(chars) + budget
         )
+        budget_usd = _budget_header(request)
     except GatewayError as exc:
         return _error_response(exc, {"x-request-id": request_id})
     gw.metrics.routing_decisions.labels(decision.model.name, decision.reason).inc()
+    if score is not None:
+        gw.router.controller.observe(score, decision.model.role == "student")
+        gw.publish_thresholds()
+    opted_out = request.headers.get("x-triage-fallback", "").lower() == "off"
     stream = payload.get("stream") is True
     options = payload.get("stream_options")
-    wants_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    req = _Request(gw, endpoint, request_id, started, payload, decision, stream, wants_usage, chars)
-    return await _serve(req)
+    cascade = config.routing.cascade
+    ex = Exchange(
+        gateway=gw, endpoint=endpoint, request_id=request_id, started=started, payload=payload,
+        decision=decision, stream=stream,
+        client_wants_usage=stream and isinstance(options, dict) and options.get("include_usage") is True,
+        prompt_chars=chars, quality_on=cascade.enabled and not opted_out,
+        fallback_on=config.routing.fallback_to_teacher and not opted_out,
+        escalation_budget_usd=budget_usd if budget_usd is not None else cascade.max_escalation_usd,
+    )
+    return await _serve(ex)
 
 
-async def _serve(req: _Request) -> Response:
-    gw = req.gateway
-    plan = [req.decision.model]
-    if gw.config.routing.fallback_to_teacher and req.decision.model.role != "teacher":
+async def _serve(ex: Exchange) -> Response:
+    """Try the chosen model (with retries), then the teacher; answer with the first success."""
+    gw = ex.gateway
+    plan = [ex.decision.model]
+    if ex.fallback_on and ex.decision.model.role != "teacher":
         plan.append(gw.teacher)
-    last: UpstreamError | None = None
+    last: GatewayError | None = None
     for step, model in enumerate(plan):
-        reason = req.decision.reason if step == 0 else "fallback"
-        if step > 0 and last is not None:
+        reason = ex.decision.reason if step == 0 else "fallback"
+        if step > 0 and isinstance(last, UpstreamError):
             fb = "timeout" if isinstance(last, UpstreamTimeout) else "upstream_error"
             gw.metrics.fallbacks.labels(plan[0].name, fb).inc()
+            ex.fallback_reason = fb
         pool = gw.pools[model.name]
         tried: set[int] = set()
         for _ in range(1 + gw.config.routing.retries_per_model):
@@ -228,14 +192,17 @@ async def _serve(req: _Request) -> Response:
             tried.add(idx)
             gw.metrics.inflight.labels(model.name).inc()
             try:
-                if req.stream:
-                    return await _stream_attempt(req, pool, idx, model, reason)
-                return await _json_attempt(req, pool, idx, model, reason)
+                if ex.stream:
+                    return await stream_attempt(ex, pool, idx, model, reason)
+                return await _json_attempt(ex, pool, idx, model, reason)
+            except QualityFailure as exc:
+                last = exc
+                break  # the answer was bad, not the endpoint: go straight to the teacher
             except UpstreamStatus as exc:
                 gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
                 if not exc.retryable:
-                    req.finish(model.name, reason, exc.status_code)
-                    return _error_response(exc, req.headers(model, reason))
+                    ex.finish(model.name, reason, exc.status_code)
+                    return _error_response(exc, ex.headers(model, reason))
                 pool.mark_failed(idx)
                 last = exc
             except UpstreamError as exc:
@@ -246,23 +213,22 @@ async def _serve(req: _Request) -> Response:
                 gw.metrics.inflight.labels(model.name).dec()
     assert last is not None
     final = plan[-1]
-    reason = req.decision.reason if len(plan) == 1 else "fallback"
-    req.finish(final.name, reason, last.status_code)
-    return _error_response(last, req.headers(final, reason))
+    reason = ex.decision.reason if len(plan) == 1 else "fallback"
+    ex.finish(final.name, reason, last.status_code)
+    return _error_response(last, ex.headers(final, reason))
 
 
 async def _json_attempt(
-    req: _Request, pool: ModelPool, idx: int, model: ModelConfig, reason: str
+    ex: Exchange, pool: ModelPool, idx: int, model: ModelConfig, reason: str
 ) -> Response:
-    gw = req.gateway
+    gw = ex.gateway
     t = time.perf_counter()
     try:
-        reply: UpstreamReply = await pool.post(
-            idx, _PATHS[req.endpoint], req.body_for(model), req.request_id
-        )
+        reply: UpstreamReply = await pool.post(idx, ex.path, ex.body_for(model), ex.request_id)
     finally:
-        req.upstream_s += time.perf_counter() - t
-        gw.metrics.upstream_duration.labels(model.name).observe(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t
+        ex.upstream_s += elapsed
+        gw.metrics.upstream_duration.labels(model.name).observe(elapsed)
     try:
         parsed = orjson.loads(reply.content)
     except orjson.JSONDecodeError:
@@ -271,101 +237,25 @@ async def _json_attempt(
         # A 200 whose body is not a completion would reach the client as a
         # corrupt answer; treat it as a failed attempt instead.
         raise UpstreamUnavailable(f"model {model.name!r} returned a malformed answer")
-    usage = usage_from_body(parsed) or _estimate(req, completion_tokens=_estimate_completion(parsed))
+    answer = answer_from_body(parsed)
+    usage = usage_from_body(parsed) or ex.estimate((len(answer.text) + 3) // 4)
+    content = reply.content
+    if ex.checks_apply(model):
+        failed = check_answer(answer, model.checks, ex.payload, gw.refusals[model.name])
+        if failed is not None and ex.may_escalate(usage):
+            raise ex.fail_quality(model, failed, usage)
+        if ex.strip_logprobs:
+            for choice in parsed["choices"]:
+                if isinstance(choice, dict):
+                    choice.pop("logprobs", None)
+            content = orjson.dumps(parsed)
+        if gw.shadow.sample():
+            gw.shadow.start(model, ex.path, ex.payload, answer.text, ex.request_id)
     gw.accountant.record(model.name, usage, served=True)
-    req.finish(model.name, reason, reply.status_code)
-    headers = req.headers(model, reason)
+    ex.finish(model.name, reason, reply.status_code)
+    headers = ex.headers(model, reason)
     headers.update(reply.headers)
-    return Response(reply.content, reply.status_code, headers, media_type="application/json")
-
-
-def _estimate(req: _Request, completion_tokens: int) -> Usage:
-    prompt = req.gateway.router.estimate_tokens(req.prompt_chars)
-    return Usage(prompt, completion_tokens, estimated=True)
-
-
-def _estimate_completion(parsed: dict[str, Any]) -> int:
-    chars = 0
-    for choice in parsed.get("choices") or ():
-        if isinstance(choice, dict):
-            msg = choice.get("message")
-            text = msg.get("content") if isinstance(msg, dict) else choice.get("text")
-            if isinstance(text, str):
-                chars += len(text)
-    return (chars + 3) // 4
-
-
-async def _stream_attempt(
-    req: _Request, pool: ModelPool, idx: int, model: ModelConfig, reason: str
-) -> Response:
-    gw = req.gateway
-    t = time.perf_counter()
-    stream = await pool.open_stream(idx, _PATHS[req.endpoint], req.body_for(model), req.request_id)
-    try:
-        first = await stream.next_event()
-    except BaseException:
-        await stream.aclose()
-        raise
-    if first is None or first.startswith((b'data: {"error"', b'data:{"error"')):
-        await stream.aclose()
-        raise UpstreamUnavailable(f"model {model.name!r} ended its stream before answering")
-    gw.metrics.ttft.labels(model.name).observe(time.perf_counter() - req.started)
-    req.upstream_s += time.perf_counter() - t
-    headers = req.headers(model, reason)
-    headers["cache-control"] = "no-cache"
-    return StreamingResponse(
-        _pump(req, stream, first, model, reason),
-        media_type="text/event-stream",
-        headers=headers,
-        background=BackgroundTask(stream.aclose),
-    )
-
-
-async def _pump(
-    req: _Request, stream: SSEStream, first: bytes, model: ModelConfig, reason: str
-) -> AsyncIterator[bytes]:
-    gw = req.gateway
-    usage: Usage | None = None
-    events = 0
-    status = 200
-    gw.metrics.inflight.labels(model.name).inc()
-    try:
-        event: bytes | None = first
-        while event is not None:
-            events += 1
-            found, usage_only = usage_from_event(event)
-            if found is not None:
-                usage = found
-            if not (usage_only and not req.client_wants_usage):
-                yield event
-            if stream.done:
-                break
-            t = time.perf_counter()
-            try:
-                event = await stream.next_event()
-            finally:
-                req.upstream_s += time.perf_counter() - t
-        if not stream.done:
-            status = 502
-            gw.metrics.upstream_errors.labels(model.name, "truncated").inc()
-            yield _error_event(
-                f"model {model.name!r} ended its stream before completing the answer",
-                "upstream_error",
-            )
-    except UpstreamError as exc:
-        status = exc.status_code
-        gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
-        yield _error_event(exc.message, exc.type)
-    finally:
-        gw.metrics.inflight.labels(model.name).dec()
-        # One event per token is how OpenAI-compatible servers stream; minus
-        # the role and finish chunks it is a fair estimate when usage is absent.
-        gw.accountant.record(model.name, usage or _estimate(req, max(events - 2, 0)), served=True)
-        req.finish(model.name, reason, status)
-
-
-def _error_event(message: str, type_: str) -> bytes:
-    return b"data: " + error_body(message, type_) + b"\n\n"
+    return Response(content, reply.status_code, headers, media_type="application/json")
 
 
 def _error_response(exc: GatewayError, headers: dict[str, str]) -> Response:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from router.config import Config, ModelConfig
+from router.controller import ShareController
 from router.errors import ModelNotFound
 
 __all__ = ["Decision", "Reason", "Router"]
@@ -36,6 +37,9 @@ class Router:
         self._students = config.students
         self._teacher = config.teacher
         self._chars_per_token = config.routing.chars_per_token
+        self.controller = ShareController(
+            config.routing, {m.name: m.max_score for m in self._students if m.max_score is not None}
+        )
 
     def estimate_tokens(self, chars: int) -> int:
         """Prompt-size estimate from characters (no tokenizer on the hot path)."""
@@ -78,9 +82,9 @@ class Router:
             return Decision(model, "pinned", score)
         assert score is not None, "auto routing needs a score"
         skipped = False
+        threshold = self.controller.threshold
         for student in self._students:
-            assert student.max_score is not None
-            if score >= student.max_score:
+            if score >= threshold(student.name):
                 continue
             window = student.context_window
             if window is not None and needed_tokens > window:

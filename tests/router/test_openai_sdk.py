@@ -85,6 +85,7 @@ def test_openai_sdk_unchanged(triage_serve: str) -> None:
 
 def test_openai_sdk_sees_mid_stream_error(triage_serve: str, upstreams: Upstreams) -> None:
     upstreams.small.mode = "cut_stream"
+    upstreams.small.chunks = 30  # the cut comes after the hold-back window
     client = openai.OpenAI(base_url=triage_serve + "/v1", api_key="any", max_retries=0)
     stream = client.chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "hello"}], stream=True

@@ -61,7 +61,10 @@ def test_chunks_arrive_as_they_are_produced(gateway: Gateway, upstreams: Upstrea
     payload = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     arrivals = []
     start = time.monotonic()
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=payload) as resp:
+    # No quality hold-back for this request: nothing may be buffered.
+    headers = {"x-triage-fallback": "off"}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=payload,
+                      headers=headers) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: "):
                 arrivals.append(time.monotonic() - start)
@@ -94,16 +97,18 @@ def test_upstream_error_event_first_is_retried_on_teacher(
 
 def test_mid_stream_failure_ends_with_error_event(gateway: Gateway, upstreams: Upstreams) -> None:
     upstreams.small.mode = "cut_stream"
+    upstreams.small.chunks = 30  # the cut comes after the hold-back window
     resp, events = stream_events(gateway)
     assert resp.status_code == 200
     assert resp.headers["x-triage-model"] == "student-small"  # never switches after bytes went out
-    assert text_of(events) == "small-0 small-1 "
+    assert text_of(events) == "".join(f"small-{i} " for i in range(15))
     assert events[-1]["error"]["type"] == "upstream_error"
     assert "[DONE]" not in events
 
 
 def test_stream_without_done_is_reported_truncated(gateway: Gateway, upstreams: Upstreams) -> None:
     upstreams.small.mode = "no_done"
+    upstreams.small.chunks = 30
     _, events = stream_events(gateway)
     assert events[-1]["error"]["type"] == "upstream_error"
     assert "before completing" in events[-1]["error"]["message"]

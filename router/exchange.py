@@ -1,0 +1,120 @@
+"""One client request on its way through the gateway: what was asked, decided and spent."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from router.accounting import Usage
+from router.config import ModelConfig
+from router.errors import GatewayError
+from router.gateway import Gateway
+from router.routing import Decision
+
+__all__ = ["Endpoint", "Exchange", "QualityFailure"]
+
+Endpoint = Literal["chat", "completions"]
+PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
+
+
+class QualityFailure(GatewayError):
+    """A student's answer failed a quality check; the request escalates to the teacher."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"model {model!r} answer failed the {reason} check")
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Per-request facts shared by the attempt loop, the stream pump and the response."""
+
+    gateway: Gateway
+    endpoint: Endpoint
+    request_id: str
+    started: float
+    payload: dict[str, Any]
+    decision: Decision
+    stream: bool
+    client_wants_usage: bool
+    prompt_chars: int
+    quality_on: bool
+    fallback_on: bool
+    escalation_budget_usd: float | None
+    upstream_s: float = 0.0
+    fallback_reason: str | None = None
+    strip_logprobs: bool = False
+
+    @property
+    def path(self) -> str:
+        """Upstream path below the endpoint's base URL."""
+        return PATHS[self.endpoint]
+
+    def headers(self, model: ModelConfig, reason: str) -> dict[str, str]:
+        """The x-triage-* response headers."""
+        h = {
+            "x-triage-model": model.name,
+            "x-triage-reason": reason,
+            "x-request-id": self.request_id,
+        }
+        if self.decision.score is not None:
+            h["x-triage-score"] = f"{self.decision.score:.3f}"
+        if self.fallback_reason is not None:
+            h["x-triage-fallback"] = self.fallback_reason
+        return h
+
+    def checks_apply(self, model: ModelConfig) -> bool:
+        """Whether this model's answer is checked before it is served."""
+        return self.quality_on and model.role == "student"
+
+    def body_for(self, model: ModelConfig) -> bytes:
+        """The upstream request body for one model."""
+        payload = dict(self.payload)
+        payload["model"] = model.upstream_model
+        if self.stream:
+            # Always ask for usage so tokens and cost are exact; the extra
+            # chunk is removed again when the client did not ask for it.
+            options = dict(payload.get("stream_options") or {})
+            options["include_usage"] = True
+            payload["stream_options"] = options
+        self.strip_logprobs = False
+        if (self.checks_apply(model) and model.checks.min_mean_logprob is not None
+                and not payload.get("logprobs")):
+            payload["logprobs"] = True if self.endpoint == "chat" else 1
+            self.strip_logprobs = True
+        return orjson.dumps(payload)
+
+    def estimate(self, completion_tokens: int) -> Usage:
+        """Usage estimated from the prompt size when the upstream reported none."""
+        prompt = self.gateway.router.estimate_tokens(self.prompt_chars)
+        return Usage(prompt, completion_tokens, estimated=True)
+
+    def may_escalate(self, student_usage: Usage) -> bool:
+        """Whether the teacher call for a quality escalation fits the request's budget."""
+        if not self.fallback_on:
+            return False
+        if self.escalation_budget_usd is None:
+            return True
+        budget = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens")
+        completion = budget if isinstance(budget, int) else student_usage.completion_tokens
+        prompt = max(student_usage.prompt_tokens, self.estimate(0).prompt_tokens)
+        teacher = self.gateway.accountant.teacher_cost(Usage(prompt, completion))
+        return teacher <= self.escalation_budget_usd
+
+    def fail_quality(self, model: ModelConfig, reason: str, usage: Usage) -> QualityFailure:
+        """Pay for the rejected attempt and count the escalation."""
+        self.gateway.accountant.record(model.name, usage, served=False)
+        self.gateway.metrics.fallbacks.labels(model.name, reason).inc()
+        self.fallback_reason = reason
+        return QualityFailure(model.name, reason)
+
+    def finish(self, model: str, reason: str, status: int) -> None:
+        """Count the request once its outcome is known."""
+        m = self.gateway.metrics
+        total = time.perf_counter() - self.started
+        m.requests.labels(model, reason, f"{status // 100}xx").inc()
+        m.request_duration.labels(model).observe(total)
+        m.overhead.observe(max(total - self.upstream_s, 0.0))

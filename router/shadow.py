@@ -1,0 +1,133 @@
+"""Shadow evaluation: replay a sample of student-served requests on the teacher, off the request path.
+
+The two answers are compared (final numeric answer when both have one, else
+normalised exact match, else word-overlap similarity) and the agreement goes
+to a histogram per student, so operators see live quality and can recalibrate.
+A semaphore caps concurrent shadow calls; when it is full the sample is
+skipped rather than queued, so shadowing can never build a backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from typing import Any
+
+import orjson
+
+from router.accounting import Accountant, usage_from_body
+from router.config import ModelConfig
+from router.errors import UpstreamError
+from router.metrics import Metrics
+from router.quality import answer_from_body
+from router.upstream import ModelPool
+
+__all__ = ["Shadow", "agreement"]
+
+log = logging.getLogger("triage.shadow")
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_WORD = re.compile(r"\w+")
+
+
+def _final_number(text: str) -> float | None:
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def agreement(student: str, teacher: str) -> float:
+    """Agreement in [0, 1] between two answers to the same request."""
+    a, b = student.strip(), teacher.strip()
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    na, nb = _final_number(a), _final_number(b)
+    if na is not None and nb is not None:
+        return 1.0 if abs(na - nb) <= 1e-6 * max(1.0, abs(nb)) else 0.0
+    wa, wb = _WORD.findall(a.lower()), _WORD.findall(b.lower())
+    if wa == wb:
+        return 1.0
+    sa, sb = set(wa), set(wb)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 0.0
+
+
+class Shadow:
+    """Samples student answers and compares them with the teacher's in background tasks."""
+
+    def __init__(
+        self, rate: float, max_concurrency: int, teacher_pool: ModelPool,
+        metrics: Metrics, accountant: Accountant, seed: int | None = None,
+    ) -> None:
+        self.rate = rate
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._pool = teacher_pool
+        self._metrics = metrics
+        self._accountant = accountant
+        self._random = random.Random(seed)
+        # Strong references: the event loop keeps only weak ones to tasks.
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def sample(self) -> bool:
+        """Draw whether the next student-served request is shadowed."""
+        return self.rate > 0 and self._random.random() < self.rate
+
+    def start(
+        self, student: ModelConfig, path: str, payload: dict[str, Any], student_text: str,
+        request_id: str,
+    ) -> bool:
+        """Start a shadow comparison of a sampled answer if a slot is free."""
+        if self._slots.locked():
+            self._metrics.shadow_requests.labels(student.name, "skipped").inc()
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self._run(student, path, payload, student_text, request_id)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _run(
+        self, student: ModelConfig, path: str, payload: dict[str, Any], student_text: str,
+        request_id: str,
+    ) -> None:
+        async with self._slots:
+            body = dict(payload)
+            body["model"] = self._pool.model.upstream_model
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+            idx = self._pool.pick(set())
+            if idx is None:
+                return
+            try:
+                reply = await self._pool.post(idx, path, orjson.dumps(body), request_id + "-shadow")
+                parsed = orjson.loads(reply.content)
+            except (UpstreamError, orjson.JSONDecodeError):
+                self._metrics.shadow_requests.labels(student.name, "error").inc()
+                return
+            if not isinstance(parsed, dict):
+                self._metrics.shadow_requests.labels(student.name, "error").inc()
+                return
+            usage = usage_from_body(parsed)
+            if usage is not None:
+                self._metrics.shadow_cost.labels(student.name).inc(self._accountant.teacher_cost(usage))
+            score = agreement(student_text, answer_from_body(parsed).text)
+            self._metrics.shadow_agreement.labels(student.name).observe(score)
+            self._metrics.shadow_requests.labels(student.name, "compared").inc()
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Wait briefly for running comparisons, then cancel the rest."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)

@@ -1,0 +1,203 @@
+"""Streaming responses: hold back and check the first events, then pass events through as they arrive.
+
+Inside the hold-back window nothing has reached the client, so a failed check,
+an upstream error event or a stream that ends early can still move the request
+to another endpoint or the teacher. After the window the model never changes:
+a failure ends the client's stream with an OpenAI-shaped error event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
+
+from router.accounting import Usage, usage_from_event
+from router.config import ModelConfig
+from router.errors import UpstreamError, UpstreamUnavailable, error_body
+from router.exchange import Exchange
+from router.quality import Answer, check_answer
+from router.upstream import ModelPool, SSEStream
+
+__all__ = ["stream_attempt"]
+
+_ERROR_PREFIXES = (b'data: {"error"', b'data:{"error"')
+
+
+class _Held:
+    """The answer so far, assembled from held-back events."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+        self.logprobs: list[float] = []
+        self.tools: dict[int, dict[str, Any]] = {}
+        self.events = 0
+
+    def feed(self, event: bytes) -> None:
+        data = event.strip()
+        if not data.startswith(b"data:") or data.endswith(b"[DONE]"):
+            return
+        try:
+            obj = orjson.loads(data[5:])
+        except orjson.JSONDecodeError:
+            return
+        choices = obj.get("choices") if isinstance(obj, dict) else None
+        if not choices or not isinstance(choices[0], dict):
+            return
+        self.events += 1
+        choice = choices[0]
+        delta = choice.get("delta")
+        piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(piece, str):
+            self.text.append(piece)
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        lp = choice.get("logprobs")
+        if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+            self.logprobs.extend(
+                t["logprob"] for t in lp["content"]
+                if isinstance(t, dict) and isinstance(t.get("logprob"), float | int)
+            )
+        if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
+            for call in delta["tool_calls"]:
+                if isinstance(call, dict):
+                    self._tool_delta(call)
+
+    def _tool_delta(self, call: dict[str, Any]) -> None:
+        slot = self.tools.setdefault(int(call.get("index") or 0), {"name": "", "arguments": ""})
+        fn = call.get("function")
+        if isinstance(fn, dict):
+            slot["name"] += fn.get("name") or ""
+            slot["arguments"] += fn.get("arguments") or ""
+
+    def answer(self, complete: bool) -> Answer:
+        calls = [{"function": t} for t in self.tools.values()] if complete else []
+        return Answer("".join(self.text), self.finish_reason, calls, self.logprobs, complete)
+
+
+async def stream_attempt(
+    ex: Exchange, pool: ModelPool, idx: int, model: ModelConfig, reason: str
+) -> StreamingResponse:
+    """Open a stream, hold back and check its start; return the response that streams the rest."""
+    gw = ex.gateway
+    t = time.perf_counter()
+    stream = await pool.open_stream(idx, ex.path, ex.body_for(model), ex.request_id)
+    held: list[bytes] = []
+    try:
+        first = await stream.next_event()
+        if first is None or first.startswith(_ERROR_PREFIXES):
+            raise UpstreamUnavailable(f"model {model.name!r} ended its stream before answering")
+        held.append(first)
+        gw.metrics.ttft.labels(model.name).observe(time.perf_counter() - ex.started)
+        if ex.checks_apply(model):
+            await _hold_back(ex, stream, model, held)
+    except BaseException:
+        await stream.aclose()
+        raise
+    finally:
+        ex.upstream_s += time.perf_counter() - t
+    headers = ex.headers(model, reason)
+    headers["cache-control"] = "no-cache"
+    return StreamingResponse(
+        _pump(ex, stream, held, model, reason),
+        media_type="text/event-stream",
+        headers=headers,
+        background=BackgroundTask(stream.aclose),
+    )
+
+
+async def _hold_back(ex: Exchange, stream: SSEStream, model: ModelConfig, held: list[bytes]) -> None:
+    cascade = ex.gateway.config.routing.cascade
+    answer = _Held()
+    answer.feed(held[0])
+    window_end = time.perf_counter() + cascade.hold_back_ms / 1000
+    while (not stream.done and answer.events < cascade.hold_back_tokens
+           and time.perf_counter() < window_end):
+        event = await stream.next_event()
+        if event is None:
+            raise UpstreamUnavailable(f"model {model.name!r} ended its stream early")
+        if event.startswith(_ERROR_PREFIXES):
+            raise UpstreamUnavailable(f"model {model.name!r} sent an error event")
+        held.append(event)
+        answer.feed(event)
+    checked = answer.answer(complete=stream.done)
+    failed = check_answer(checked, model.checks, ex.payload, ex.gateway.refusals[model.name])
+    if failed is None:
+        return
+    usage = ex.estimate(answer.events)
+    for event in held:
+        found, _ = usage_from_event(event)
+        if found is not None:
+            usage = found
+    if ex.may_escalate(usage):
+        raise ex.fail_quality(model, failed, usage)
+
+
+def _strip_logprobs(event: bytes) -> bytes:
+    if b'"logprobs"' not in event:
+        return event
+    try:
+        obj = orjson.loads(event.strip()[5:])
+    except orjson.JSONDecodeError:
+        return event
+    for choice in obj.get("choices") or ():
+        if isinstance(choice, dict):
+            choice.pop("logprobs", None)
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def _pump(
+    ex: Exchange, stream: SSEStream, held: list[bytes], model: ModelConfig, reason: str
+) -> AsyncIterator[bytes]:
+    gw = ex.gateway
+    usage: Usage | None = None
+    events = 0
+    status = 200
+    shadow = _Held() if model.role == "student" and gw.shadow.sample() else None
+    gw.metrics.inflight.labels(model.name).inc()
+    try:
+        pending = iter(held)
+        event: bytes | None = next(pending)
+        while event is not None:
+            events += 1
+            found, usage_only = usage_from_event(event)
+            if found is not None:
+                usage = found
+            if shadow is not None:
+                shadow.feed(event)
+            if not (usage_only and not ex.client_wants_usage):
+                yield _strip_logprobs(event) if ex.strip_logprobs else event
+            event = next(pending, None)
+            if event is None and not stream.done:
+                t = time.perf_counter()
+                try:
+                    event = await stream.next_event()
+                finally:
+                    ex.upstream_s += time.perf_counter() - t
+        if not stream.done:
+            status = 502
+            gw.metrics.upstream_errors.labels(model.name, "truncated").inc()
+            yield _error_event(
+                f"model {model.name!r} ended its stream before completing the answer", "upstream_error"
+            )
+        elif shadow is not None:
+            gw.shadow.start(model, ex.path, ex.payload, "".join(shadow.text), ex.request_id)
+    except UpstreamError as exc:
+        status = exc.status_code
+        gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
+        yield _error_event(exc.message, exc.type)
+    finally:
+        gw.metrics.inflight.labels(model.name).dec()
+        # One event per token is how OpenAI-compatible servers stream; minus
+        # the role and finish chunks it is a fair estimate when usage is absent.
+        gw.accountant.record(model.name, usage or ex.estimate(max(events - 2, 0)), served=True)
+        ex.finish(model.name, reason, status)
+
+
+def _error_event(message: str, type_: str) -> bytes:
+    return b"data: " + error_body(message, type_) + b"\n\n"
