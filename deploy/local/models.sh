@@ -55,8 +55,7 @@ start_one() {
     fi
     local args=(-m "$gguf" --alias "$model" --host 127.0.0.1 --port "$port"
         --ctx-size "$LOCAL_CTX_SIZE" --parallel "$LOCAL_PARALLEL" --kv-unified
-        --metrics --no-webui --jinja)
-    [[ -n "$LOCAL_THREADS" ]] && args+=(--threads "$LOCAL_THREADS")
+        --threads "$LOCAL_THREADS" --metrics --no-webui --jinja)
     # shellcheck disable=SC2206  # extra holds whitespace-free paths from common.sh
     [[ -n "$extra" ]] && args+=($extra)
     # setsid: the server outlives this shell (up.sh execs the gateway afterwards).
