@@ -67,7 +67,10 @@ class Shadow:
         metrics: Metrics, accountant: Accountant, seed: int | None = None,
     ) -> None:
         self.rate = rate
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._max = max_concurrency
+        # Counted when a task is created, not when it first runs, so a burst
+        # cannot start more than the cap before any of them is scheduled.
+        self._running = 0
         self._pool = teacher_pool
         self._metrics = metrics
         self._accountant = accountant
@@ -84,9 +87,10 @@ class Shadow:
         request_id: str,
     ) -> bool:
         """Start a shadow comparison of a sampled answer if a slot is free."""
-        if self._slots.locked():
+        if self._running >= self._max:
             self._metrics.shadow_requests.labels(student.name, "skipped").inc()
             return False
+        self._running += 1
         task = asyncio.get_running_loop().create_task(
             self._run(student, path, payload, student_text, request_id)
         )
@@ -98,29 +102,37 @@ class Shadow:
         self, student: ModelConfig, path: str, payload: dict[str, Any], student_text: str,
         request_id: str,
     ) -> None:
-        async with self._slots:
-            body = dict(payload)
-            body["model"] = self._pool.model.upstream_model
-            body.pop("stream", None)
-            body.pop("stream_options", None)
-            idx = self._pool.pick(set())
-            if idx is None:
-                return
-            try:
-                reply = await self._pool.post(idx, path, orjson.dumps(body), request_id + "-shadow")
-                parsed = orjson.loads(reply.content)
-            except (UpstreamError, orjson.JSONDecodeError):
-                self._metrics.shadow_requests.labels(student.name, "error").inc()
-                return
-            if not isinstance(parsed, dict):
-                self._metrics.shadow_requests.labels(student.name, "error").inc()
-                return
-            usage = usage_from_body(parsed)
-            if usage is not None:
-                self._metrics.shadow_cost.labels(student.name).inc(self._accountant.teacher_cost(usage))
-            score = agreement(student_text, answer_from_body(parsed).text)
-            self._metrics.shadow_agreement.labels(student.name).observe(score)
-            self._metrics.shadow_requests.labels(student.name, "compared").inc()
+        try:
+            await self._compare(student, path, payload, student_text, request_id)
+        finally:
+            self._running -= 1
+
+    async def _compare(
+        self, student: ModelConfig, path: str, payload: dict[str, Any], student_text: str,
+        request_id: str,
+    ) -> None:
+        body = dict(payload)
+        body["model"] = self._pool.model.upstream_model
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        idx = self._pool.pick(set())
+        if idx is None:
+            return
+        try:
+            reply = await self._pool.post(idx, path, orjson.dumps(body), request_id + "-shadow")
+            parsed = orjson.loads(reply.content)
+        except (UpstreamError, orjson.JSONDecodeError):
+            self._metrics.shadow_requests.labels(student.name, "error").inc()
+            return
+        if not isinstance(parsed, dict):
+            self._metrics.shadow_requests.labels(student.name, "error").inc()
+            return
+        usage = usage_from_body(parsed)
+        if usage is not None:
+            self._metrics.shadow_cost.labels(student.name).inc(self._accountant.teacher_cost(usage))
+        score = agreement(student_text, answer_from_body(parsed).text)
+        self._metrics.shadow_agreement.labels(student.name).observe(score)
+        self._metrics.shadow_requests.labels(student.name, "compared").inc()
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Wait briefly for running comparisons, then cancel the rest."""

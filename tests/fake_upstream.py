@@ -31,6 +31,10 @@ class FakeState:
     chunks: int = 5
     chunk_delay_s: float = 0.0
     prompt_tokens: int = 11
+    text: str | None = None  # answer text instead of "<name>-0 <name>-1 …"
+    finish_reason: str = "stop"
+    logprob: float = -0.05  # per token, when the request asks for logprobs
+    tool_calls: list[dict[str, Any]] | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -42,11 +46,17 @@ class FakeState:
 
     @property
     def completion_tokens(self) -> int:
-        return self.chunks
+        return len(_words(self))
 
 
 def _words(state: FakeState) -> list[str]:
+    if state.text is not None:
+        return [w + " " for w in state.text.split(" ")] if state.text else []
     return [f"{state.name}-{i} " for i in range(state.chunks)]
+
+
+def _logprobs(words: list[str], logprob: float) -> dict[str, Any]:
+    return {"content": [{"token": w, "logprob": logprob, "top_logprobs": []} for w in words]}
 
 
 def make_fake(state: FakeState) -> Starlette:
@@ -75,10 +85,17 @@ def make_fake(state: FakeState) -> Starlette:
         }
         if body.get("stream"):
             return StreamingResponse(_stream(state, body, chat, usage), media_type="text/event-stream")
-        text = "".join(_words(state))
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+        words = _words(state)
+        text = "".join(words).rstrip(" ") if state.text is not None else "".join(words)
+        choice: dict[str, Any] = {
+            "index": 0, "finish_reason": state.finish_reason,
+            "logprobs": _logprobs(words, state.logprob) if body.get("logprobs") else None,
+        }
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if state.tool_calls is not None:
+                choice["message"] = {"role": "assistant", "content": None,
+                                     "tool_calls": state.tool_calls}
         else:
             choice["text"] = text
         answer: dict[str, Any] = {
@@ -99,10 +116,14 @@ def make_fake(state: FakeState) -> Starlette:
     ])
 
 
-def _chunk(body: dict[str, Any], chat: bool, text: str | None, finish: str | None) -> bytes:
+def _chunk(
+    body: dict[str, Any], chat: bool, text: str | None, finish: str | None, logprob: float = 0.0
+) -> bytes:
     if chat:
         delta = {"content": text} if text is not None else {}
         choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        if body.get("logprobs") and text is not None:
+            choice["logprobs"] = _logprobs([text], logprob)
         obj = "chat.completion.chunk"
     else:
         choice = {"index": 0, "text": text or "", "finish_reason": finish}
@@ -122,10 +143,10 @@ async def _stream(
     for i, word in enumerate(words):
         if state.mode == "cut_stream" and i == len(words) // 2:
             raise RuntimeError("fake upstream dies mid-stream")
-        yield _chunk(body, chat, word, None)
+        yield _chunk(body, chat, word, None, state.logprob)
         if state.chunk_delay_s:
             await asyncio.sleep(state.chunk_delay_s)
-    yield _chunk(body, chat, None, "stop")
+    yield _chunk(body, chat, None, state.finish_reason)
     if state.mode == "no_done":
         return
     options = body.get("stream_options") or {}
