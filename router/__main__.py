@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     route.set_defaults(func=_route)
 
+    from router.stats import add_subcommand as add_stats
+
+    add_stats(sub)
     try:
         from classifiers.cli import add_subcommands
     except ImportError:  # pragma: no cover - the classifier CLI ships with the package

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs into .venv (and, as root with apt, a
+# Prometheus server for the metrics integration tests). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests/setup.sh: installing Prometheus (Debian package) for the metrics integration tests"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "tests/setup.sh: prometheus not found and cannot apt-get it; the Prometheus tests will skip"
+  fi
+fi
