@@ -137,6 +137,7 @@ class Summary:
     share_window: float | None
     cost: float
     teacher_equivalent: float
+    shadow_cost: float
     fallbacks: dict[tuple[str, str], float]
     upstream_errors: dict[tuple[str, str], float]
     overhead_p50: float | None
@@ -230,6 +231,7 @@ def summarize(snap: Snapshot, teacher: str | None = None) -> Summary:
         share_window=window,
         cost=snap.total("triage_cost_usd_total"),
         teacher_equivalent=snap.total("triage_teacher_equivalent_cost_usd_total"),
+        shadow_cost=snap.total("triage_shadow_cost_usd_total"),
         fallbacks=_nonzero(snap, "triage_fallbacks_total", "model", "reason"),
         upstream_errors=_nonzero(snap, "triage_upstream_errors_total", "model", "type"),
         overhead_p50=histogram_quantile(0.5, overhead),
@@ -302,6 +304,10 @@ def render(s: Summary, url: str) -> str:
     lines.append(f"Student share     {share_line}")
     lines.append(f"Spend             {_usd(s.cost)} actual vs {_usd(s.teacher_equivalent)} teacher-only")
     lines.append(f"Savings           {_usd(s.savings)} ({_pct(s.savings_ratio)})")
+    if s.shadow_cost:
+        # Shadow teacher calls are real spend outside triage_cost_usd_total.
+        net = s.savings - s.shadow_cost
+        lines.append(f"Shadow spend      {_usd(s.shadow_cost)}; net savings {_usd(net)}")
     lines.append("")
     fb_total = sum(s.fallbacks.values())
     by_reason = ", ".join(f"{r} {n:.0f}" for r, n in _grouped(s.fallbacks, 1).items())

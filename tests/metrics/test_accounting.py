@@ -278,3 +278,29 @@ def test_stats_cli_rejects_a_server_that_is_not_triage(
     # The fake upstream has no /metrics: 404.
     assert stats.run(upstreams.urls["small"]) == 1
     assert "answered HTTP 404" in capsys.readouterr().err
+
+
+def test_stats_subtracts_shadow_spend_from_net_savings() -> None:
+    text = (
+        "# TYPE triage_requests_total counter\n"
+        'triage_requests_total{model="s",reason="classifier",status_class="2xx"} 3\n'
+        'triage_requests_total{model="t",reason="classifier",status_class="2xx"} 1\n'
+        "# TYPE triage_cost_usd_total counter\n"
+        'triage_cost_usd_total{model="s"} 0.5\n'
+        'triage_cost_usd_total{model="t"} 2.0\n'
+        "# TYPE triage_teacher_equivalent_cost_usd_total counter\n"
+        'triage_teacher_equivalent_cost_usd_total{model="s"} 6.0\n'
+        'triage_teacher_equivalent_cost_usd_total{model="t"} 2.0\n'
+        "# TYPE triage_shadow_cost_usd_total counter\n"
+        'triage_shadow_cost_usd_total{model="s"} 1.25\n'
+        "# TYPE triage_student_share_target gauge\n"
+        "triage_student_share_target NaN\n"
+    )
+    summary = stats.summarize(stats.Snapshot.from_text(text))
+    assert summary.teacher == "t"
+    assert summary.savings == pytest.approx(5.5)
+    assert summary.student_share == pytest.approx(0.75)
+    assert summary.share_target is None
+    out = stats.render(summary, "http://x")
+    assert "Savings           $5.5000 (68.8%)" in out
+    assert "Shadow spend      $1.2500; net savings $4.2500" in out
