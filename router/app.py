@@ -55,6 +55,10 @@ def create_app(
     metrics = Metrics(registry)
     metrics.precreate([m.name for m in config.models], REASONS)
     metrics.build_info.labels(__version__, config_hash).set(1)
+    for m in config.models:
+        metrics.model_info.labels(m.name, m.role).set(1)
+    for code in ("400", "401", "404", "413", "429"):
+        metrics.rejected.labels(code)
     if scorer is None:
         scorer = load_scorer(config.classifier.kind, config.classifier.path)
 

@@ -173,8 +173,22 @@ class RoutingConfig(_Strict):
         1, ge=0, le=5, description="Retries on another endpoint of the same model."
     )
     endpoint_cooldown_s: float = Field(
-        5.0, ge=0, description="How long an endpoint that failed is skipped by round-robin."
+        5.0, ge=0, description="How long an open circuit keeps an endpoint out before a probe."
     )
+    breaker_failures: int = Field(
+        3, ge=1, description="Consecutive failures that open an endpoint's circuit."
+    )
+    request_deadline_s: float = Field(
+        300.0, gt=0,
+        description="Overall limit for a request across retries and fallback (to the first byte "
+        "of a stream).",
+    )
+    retry_budget_ratio: float = Field(
+        0.2, ge=0, le=1,
+        description="Retries and fallbacks allowed per request on average, so they cannot "
+        "amplify an outage.",
+    )
+    retry_budget_burst: int = Field(20, ge=0, description="Retries allowed in a burst.")
     chars_per_token: float = Field(
         4.0, gt=0, description="Prompt-size estimate used for context-window checks."
     )

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 from classifiers import Scorer
 from router.accounting import Accountant
+from router.breaker import State
 from router.config import Config
 from router.metrics import Metrics
 from router.quality import compile_refusals
+from router.retry_budget import RetryBudget
 from router.routing import Router
 from router.shadow import Shadow
 from router.upstream import ModelPool
 
 __all__ = ["Gateway"]
+
+_STATE_VALUE: dict[State, int] = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class Gateway:
@@ -26,9 +31,18 @@ class Gateway:
         self.metrics = metrics
         self.router = Router(config)
         self.accountant = Accountant(config, metrics)
+        routing = config.routing
         self.pools = {
-            m.name: ModelPool(m, config.routing.endpoint_cooldown_s) for m in config.models
+            m.name: ModelPool(
+                m, routing.endpoint_cooldown_s, routing.breaker_failures,
+                self._circuit_callback(m.name),
+            )
+            for m in config.models
         }
+        for m in config.models:
+            for i in range(len(m.endpoints)):
+                metrics.circuit_state.labels(m.name, str(i)).set(0)
+        self.retry_budget = RetryBudget(routing.retry_budget_ratio, routing.retry_budget_burst)
         self.teacher = config.teacher
         self.refusals: dict[str, re.Pattern[str]] = {
             m.name: compile_refusals(m.checks) for m in config.students
@@ -40,6 +54,13 @@ class Gateway:
         target = config.routing.target_student_share
         metrics.student_share_target.set(target if target is not None else math.nan)
         self.publish_thresholds()
+
+    def _circuit_callback(self, model: str) -> Callable[[int, State], None]:
+        def changed(idx: int, state: State) -> None:
+            self.metrics.circuit_state.labels(model, str(idx)).set(_STATE_VALUE[state])
+            self.metrics.circuit_transitions.labels(model, str(idx), state).inc()
+
+        return changed
 
     def publish_thresholds(self) -> None:
         """Export the share controller's current thresholds and observed share."""

@@ -126,6 +126,32 @@ class Metrics:
             "triage_shadow_requests", "Shadow comparisons by student and outcome.",
             ["model", "outcome"], registry=registry,
         )
+        self.circuit_state = Gauge(
+            "triage_circuit_state", "Endpoint circuit: 0 closed, 1 half-open, 2 open.",
+            ["model", "endpoint"], registry=registry,
+        )
+        self.circuit_transitions = Counter(
+            "triage_circuit_transitions", "Circuit breaker transitions by the state entered.",
+            ["model", "endpoint", "state"], registry=registry,
+        )
+        self.retry_budget_exhausted = Counter(
+            "triage_retry_budget_exhausted",
+            "Retries or fallbacks refused because the retry budget was spent.",
+            registry=registry,
+        )
+        self.deadline_exceeded = Counter(
+            "triage_deadline_exceeded", "Requests ended by the overall request deadline.",
+            ["model"], registry=registry,
+        )
+        self.model_info = Gauge(
+            "triage_model_info", "Always 1; the role of each configured model.",
+            ["model", "role"], registry=registry,
+        )
+        self.rejected = Counter(
+            "triage_rejected_requests",
+            "Requests refused before routing (bad body, unknown model, too large, auth, limits).",
+            ["code"], registry=registry,
+        )
         self.build_info = Gauge(
             "triage_build_info", "Always 1; labels carry the version and config hash.",
             ["version", "config_hash"], registry=registry,
@@ -153,3 +179,4 @@ class Metrics:
             self.ttft.labels(model)
             self.upstream_duration.labels(model)
             self.inflight.labels(model)
+            self.deadline_exceeded.labels(model)

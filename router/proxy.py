@@ -12,6 +12,7 @@ Failure rules:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -150,6 +151,7 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
         )
         budget_usd = _budget_header(request)
     except GatewayError as exc:
+        gw.metrics.rejected.labels(str(exc.status_code)).inc()
         return _error_response(exc, {"x-request-id": request_id})
     gw.metrics.routing_decisions.labels(decision.model.name, decision.reason).inc()
     if score is not None:
@@ -171,12 +173,39 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
 
 
 async def _serve(ex: Exchange) -> Response:
+    """Run the attempts under the overall request deadline."""
+    gw = ex.gateway
+    gw.retry_budget.on_request()
+    try:
+        async with asyncio.timeout(gw.config.routing.request_deadline_s):
+            return await _attempts(ex)
+    except TimeoutError:
+        model = ex.decision.model
+        gw.metrics.deadline_exceeded.labels(model.name).inc()
+        exc = UpstreamTimeout(
+            f"the request did not complete within {gw.config.routing.request_deadline_s:g} s"
+        )
+        ex.finish(model.name, ex.decision.reason, exc.status_code)
+        return _error_response(exc, ex.headers(model, ex.decision.reason))
+
+
+def _retry_after_s(exc: UpstreamStatus) -> float | None:
+    if exc.retry_after is None:
+        return None
+    try:
+        return max(float(exc.retry_after), 0.0)
+    except ValueError:
+        return None  # an HTTP date: the breaker's own open time applies
+
+
+async def _attempts(ex: Exchange) -> Response:
     """Try the chosen model (with retries), then the teacher; answer with the first success."""
     gw = ex.gateway
     plan = [ex.decision.model]
     if ex.fallback_on and ex.decision.model.role != "teacher":
         plan.append(gw.teacher)
     last: GatewayError | None = None
+    made = 0  # attempts sent upstream so far
     for step, model in enumerate(plan):
         reason = ex.decision.reason if step == 0 else "fallback"
         if step > 0 and isinstance(last, UpstreamError):
@@ -186,32 +215,56 @@ async def _serve(ex: Exchange) -> Response:
         pool = gw.pools[model.name]
         tried: set[int] = set()
         for _ in range(1 + gw.config.routing.retries_per_model):
+            # Extra attempts caused by upstream failures spend the retry budget;
+            # a quality escalation is bounded by the cascade's own budget instead.
+            if made and isinstance(last, UpstreamError) and not gw.retry_budget.try_spend():
+                gw.metrics.retry_budget_exhausted.inc()
+                return _give_up(ex, plan[:step + 1], last)
             idx = pool.pick(tried)
             if idx is None:
+                if last is None:
+                    last = UpstreamUnavailable(f"model {model.name!r} has no healthy endpoint")
                 break
             tried.add(idx)
+            made += 1
+            verdict = False
             gw.metrics.inflight.labels(model.name).inc()
             try:
                 if ex.stream:
-                    return await stream_attempt(ex, pool, idx, model, reason)
-                return await _json_attempt(ex, pool, idx, model, reason)
+                    response: Response = await stream_attempt(ex, pool, idx, model, reason)
+                else:
+                    response = await _json_attempt(ex, pool, idx, model, reason)
+                pool.mark_ok(idx)
+                verdict = True
+                return response
             except QualityFailure as exc:
+                pool.mark_ok(idx)
+                verdict = True
                 last = exc
                 break  # the answer was bad, not the endpoint: go straight to the teacher
             except UpstreamStatus as exc:
                 gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
+                verdict = True
                 if not exc.retryable:
+                    pool.mark_ok(idx)
                     ex.finish(model.name, reason, exc.status_code)
                     return _error_response(exc, ex.headers(model, reason))
-                pool.mark_failed(idx)
+                pool.mark_failed(idx, _retry_after_s(exc) if exc.status_code == 429 else None)
                 last = exc
             except UpstreamError as exc:
                 gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
                 pool.mark_failed(idx)
+                verdict = True
                 last = exc
             finally:
+                if not verdict:
+                    pool.release(idx)
                 gw.metrics.inflight.labels(model.name).dec()
     assert last is not None
+    return _give_up(ex, plan, last)
+
+
+def _give_up(ex: Exchange, plan: list[ModelConfig], last: GatewayError) -> Response:
     final = plan[-1]
     reason = ex.decision.reason if len(plan) == 1 else "fallback"
     ex.finish(final.name, reason, last.status_code)

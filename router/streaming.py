@@ -195,7 +195,11 @@ async def _pump(
         gw.metrics.inflight.labels(model.name).dec()
         # One event per token is how OpenAI-compatible servers stream; minus
         # the role and finish chunks it is a fair estimate when usage is absent.
-        gw.accountant.record(model.name, usage or ex.estimate(max(events - 2, 0)), served=True)
+        # A stream that failed is paid for but was not a served answer.
+        gw.accountant.record(
+            model.name, usage or ex.estimate(max(events - 2, 0)), served=status == 200
+        )
+        gw.metrics.upstream_duration.labels(model.name).observe(ex.upstream_s)
         ex.finish(model.name, reason, status)
 
 

@@ -1,17 +1,18 @@
 """Upstream model servers: one pooled HTTP client per model, round-robin over its endpoints.
 
-An endpoint that fails is skipped for `routing.endpoint_cooldown_s`; when every
-endpoint of a model is cooling down, the one that failed longest ago is tried.
+Each endpoint has a circuit breaker (`router/breaker.py`); round-robin skips
+endpoints whose breaker is open, and a model whose endpoints are all open
+fails fast so the request can move on to the teacher.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx2 as httpx
 
+from router.breaker import Breaker, State
 from router.config import ModelConfig, resolve_api_key
 from router.errors import UpstreamStatus, UpstreamUnavailable, map_upstream_errors
 
@@ -24,10 +25,10 @@ PASS_HEADERS = ("retry-after", "openai-processing-ms", "x-ratelimit-remaining-re
 
 @dataclass(slots=True)
 class Endpoint:
-    """One base URL of a model, with its failure cooldown."""
+    """One base URL of a model, with its circuit breaker."""
 
     base_url: str
-    down_until: float = 0.0
+    breaker: Breaker
 
 
 @dataclass(slots=True)
@@ -96,11 +97,20 @@ class SSEStream:
 class ModelPool:
     """The HTTP client and endpoints of one configured model."""
 
-    def __init__(self, model: ModelConfig, cooldown_s: float) -> None:
+    def __init__(
+        self, model: ModelConfig, open_s: float, failure_threshold: int,
+        on_change: Callable[[int, State], None] | None = None,
+    ) -> None:
         self.model = model
         self.name = model.name
-        self.endpoints = [Endpoint(str(u).rstrip("/")) for u in model.endpoints]
-        self._cooldown_s = cooldown_s
+        self.endpoints = [
+            Endpoint(
+                str(u).rstrip("/"),
+                Breaker(failure_threshold, open_s,
+                        None if on_change is None else _bind(on_change, i)),
+            )
+            for i, u in enumerate(model.endpoints)
+        ]
         self._next = 0
         headers = {"content-type": "application/json"}
         key = resolve_api_key(model)
@@ -124,26 +134,30 @@ class ModelPool:
         )
 
     def pick(self, tried: set[int]) -> int | None:
-        """Index of the next endpoint to try, or None when all were tried for this request."""
+        """Claim the next endpoint to try, or None when every untried one is open."""
         n = len(self.endpoints)
-        now = time.monotonic()
-        fallback: int | None = None
         for step in range(n):
             idx = (self._next + step) % n
-            if idx in tried:
-                continue
-            if self.endpoints[idx].down_until <= now:
+            if idx not in tried and self.endpoints[idx].breaker.acquire():
                 self._next = idx + 1
                 return idx
-            if fallback is None or self.endpoints[idx].down_until < self.endpoints[fallback].down_until:
-                fallback = idx
-        if fallback is not None:
-            self._next = fallback + 1
-        return fallback
+        return None
 
-    def mark_failed(self, idx: int) -> None:
-        """Take an endpoint out of round-robin for the cooldown."""
-        self.endpoints[idx].down_until = time.monotonic() + self._cooldown_s
+    def available(self) -> bool:
+        """Whether any endpoint would take a request now."""
+        return any(ep.breaker.available() for ep in self.endpoints)
+
+    def mark_ok(self, idx: int) -> None:
+        """The endpoint answered (even with a client error): it is healthy."""
+        self.endpoints[idx].breaker.success()
+
+    def mark_failed(self, idx: int, retry_after_s: float | None = None) -> None:
+        """Count a failure against the endpoint's breaker."""
+        self.endpoints[idx].breaker.failure(retry_after_s)
+
+    def release(self, idx: int) -> None:
+        """Give back a claim that ended without a verdict."""
+        self.endpoints[idx].breaker.release()
 
     def _request(self, idx: int, path: str, body: bytes, request_id: str) -> httpx.Request:
         return self.client.build_request(
@@ -191,6 +205,10 @@ class ModelPool:
     async def aclose(self) -> None:
         """Close the pooled client."""
         await self.client.aclose()
+
+
+def _bind(on_change: Callable[[int, State], None], idx: int) -> Callable[[State], None]:
+    return lambda state: on_change(idx, state)
 
 
 def _pass_headers(resp: httpx.Response) -> dict[str, str]:

@@ -146,16 +146,17 @@ def test_dead_student_falls_back_to_teacher(upstreams: Upstreams, make_gateway: 
 def test_retry_on_second_endpoint_of_same_model(
     upstreams: Upstreams, make_gateway: GatewayFactory
 ) -> None:
-    raw = base_config(upstreams.urls)
+    raw = base_config(upstreams.urls, breaker_failures=1, endpoint_cooldown_s=30)
     raw["models"][0]["endpoints"] = [closed_port_url() + "/v1", upstreams.urls["small"] + "/v1"]
     with make_gateway(raw) as gw:
         for _ in range(3):
             resp = chat(gw, EASY)
             assert resp.headers["x-triage-model"] == "student-small"
             assert resp.headers["x-triage-reason"] == "classifier"
-        # The dead endpoint cools down, so it was hit once, not three times.
+        # The dead endpoint's circuit opened, so it was hit once, not three times.
         assert gw.metric("triage_upstream_errors_total",
                          {"model": "student-small", "type": "unavailable"}) == 1
+        assert gw.metric("triage_circuit_state", {"model": "student-small", "endpoint": "0"}) == 2
 
 
 def test_student_5xx_falls_back_and_4xx_passes_through(
