@@ -94,8 +94,10 @@ main() {
     [[ ${#steps[@]} -gt 0 ]] || steps=(server models)
     mkdir -p "$TRIAGE_CACHE_DIR"
     # Two setups at once (say, up.sh in two terminals) would race on the same build dir.
-    exec 9>"$TRIAGE_CACHE_DIR/setup.lock"
-    flock 9
+    if command -v flock >/dev/null; then
+        exec 9>"$TRIAGE_CACHE_DIR/setup.lock"
+        flock 9
+    fi
     for step in "${steps[@]}"; do
         case "$step" in
             server) step_server ;;
