@@ -215,16 +215,17 @@ async def _attempts(ex: Exchange) -> Response:
         pool = gw.pools[model.name]
         tried: set[int] = set()
         for _ in range(1 + gw.config.routing.retries_per_model):
-            # Extra attempts caused by upstream failures spend the retry budget;
-            # a quality escalation is bounded by the cascade's own budget instead.
-            if made and isinstance(last, UpstreamError) and not gw.retry_budget.try_spend():
-                gw.metrics.retry_budget_exhausted.inc()
-                return _give_up(ex, plan[:step + 1], last)
             idx = pool.pick(tried)
             if idx is None:
                 if last is None:
                     last = UpstreamUnavailable(f"model {model.name!r} has no healthy endpoint")
                 break
+            # Extra attempts caused by upstream failures spend the retry budget;
+            # a quality escalation is bounded by the cascade's own budget instead.
+            if made and isinstance(last, UpstreamError) and not gw.retry_budget.try_spend():
+                pool.release(idx)
+                gw.metrics.retry_budget_exhausted.inc()
+                return _give_up(ex, plan[:step + 1], last)
             tried.add(idx)
             made += 1
             verdict = False

@@ -26,6 +26,29 @@ from router.upstream import ModelPool, SSEStream
 __all__ = ["stream_attempt"]
 
 _ERROR_PREFIXES = (b'data: {"error"', b'data:{"error"')
+_FIELDS = (b"event:", b"id:", b"retry:", b":")
+
+
+def _malformed(event: bytes) -> bool:
+    """True when an event is not well-formed SSE carrying JSON (or `[DONE]`).
+
+    Checked on every event so a corrupted stream is reported as an error
+    instead of being passed on as if it were an answer.
+    """
+    for line in event.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line or line.startswith(_FIELDS):
+            continue
+        if not line.startswith(b"data:"):
+            return True
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            continue
+        try:
+            orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+    return False
 
 
 class _Held:
@@ -90,7 +113,7 @@ async def stream_attempt(
     held: list[bytes] = []
     try:
         first = await stream.next_event()
-        if first is None or first.startswith(_ERROR_PREFIXES):
+        if first is None or first.startswith(_ERROR_PREFIXES) or _malformed(first):
             raise UpstreamUnavailable(f"model {model.name!r} ended its stream before answering")
         held.append(first)
         gw.metrics.ttft.labels(model.name).observe(time.perf_counter() - ex.started)
@@ -121,8 +144,8 @@ async def _hold_back(ex: Exchange, stream: SSEStream, model: ModelConfig, held: 
         event = await stream.next_event()
         if event is None:
             raise UpstreamUnavailable(f"model {model.name!r} ended its stream early")
-        if event.startswith(_ERROR_PREFIXES):
-            raise UpstreamUnavailable(f"model {model.name!r} sent an error event")
+        if event.startswith(_ERROR_PREFIXES) or _malformed(event):
+            raise UpstreamUnavailable(f"model {model.name!r} sent an error or a malformed event")
         held.append(event)
         answer.feed(event)
     checked = answer.answer(complete=stream.done)
@@ -164,6 +187,13 @@ async def _pump(
         pending = iter(held)
         event: bytes | None = next(pending)
         while event is not None:
+            if _malformed(event):
+                raise UpstreamUnavailable(f"model {model.name!r} sent a malformed stream event")
+            if event.startswith(_ERROR_PREFIXES):
+                status = 502
+                gw.metrics.upstream_errors.labels(model.name, "status").inc()
+                yield event  # already an OpenAI-shaped error: pass it on and stop
+                break
             events += 1
             found, usage_only = usage_from_event(event)
             if found is not None:
@@ -179,7 +209,7 @@ async def _pump(
                     event = await stream.next_event()
                 finally:
                     ex.upstream_s += time.perf_counter() - t
-        if not stream.done:
+        if not stream.done and status == 200:
             status = 502
             gw.metrics.upstream_errors.labels(model.name, "truncated").inc()
             yield _error_event(

@@ -17,7 +17,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-Mode = Literal["ok", "status", "slow", "cut_stream", "no_done", "malformed", "no_usage", "stream_error"]
+Mode = Literal[
+    "ok", "status", "cut_stream", "no_done", "malformed", "no_usage", "stream_error",
+    "broken_frame", "stall",
+]
 
 
 @dataclass
@@ -143,6 +146,10 @@ async def _stream(
     for i, word in enumerate(words):
         if state.mode == "cut_stream" and i == len(words) // 2:
             raise RuntimeError("fake upstream dies mid-stream")
+        if state.mode == "broken_frame" and i == len(words) // 2:
+            yield b'data: {"id": "chunk-fake", "choices": [{"delta": {"content": "x\n\n'
+        if state.mode == "stall" and i == len(words) // 2:
+            await asyncio.sleep(3600)
         yield _chunk(body, chat, word, None, state.logprob)
         if state.chunk_delay_s:
             await asyncio.sleep(state.chunk_delay_s)
