@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        app = create_app(config, config_hash=config_hash(args.config))
+        app = create_app(config, config_hash=config_hash(args.config), config_path=args.config)
     except (OSError, ValueError) as exc:
         print(f"triage: cannot load the classifier: {exc}", file=sys.stderr)
         return 2

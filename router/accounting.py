@@ -84,14 +84,19 @@ class Accountant:
         pin, pout = self._teacher_price
         return usage.prompt_tokens * pin + usage.completion_tokens * pout
 
-    def record(self, model: str, usage: Usage, served: bool) -> None:
-        """Count one attempt's tokens and cost; `served` when its answer went to the client."""
+    def record(self, model: str, usage: Usage, served: bool) -> float:
+        """Count one attempt's tokens and cost; `served` when its answer went to the client.
+
+        Returns the attempt's cost in USD.
+        """
         m = self._metrics
         est = "true" if usage.estimated else "false"
         if usage.estimated:
             m.usage_missing.labels(model).inc()
         m.prompt_tokens.labels(model, est).inc(usage.prompt_tokens)
         m.completion_tokens.labels(model, est).inc(usage.completion_tokens)
-        m.cost.labels(model).inc(self.cost(model, usage))
+        cost = self.cost(model, usage)
+        m.cost.labels(model).inc(cost)
         if served:
             m.teacher_cost.labels(model).inc(self.teacher_cost(usage))
+        return cost

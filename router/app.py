@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -17,12 +19,14 @@ from starlette.responses import JSONResponse, Response
 
 from classifiers import Scorer, load_scorer
 from router import __version__
+from router.auth import check_token
 from router.config import Config
 from router.errors import GatewayError, error_body
 from router.gateway import Gateway
 from router.metrics import Metrics
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.proxy import handle_completion
+from router.reload import Reloader, ReloadError
 from router.routing import REASONS
 
 __all__ = ["create_app"]
@@ -49,8 +53,12 @@ def create_app(
     scorer: Scorer | None = None,
     registry: CollectorRegistry | None = None,
     config_hash: str = "unknown",
+    config_path: Path | None = None,
 ) -> FastAPI:
-    """Build the ASGI app; upstream clients open in lifespan and close on shutdown."""
+    """Build the ASGI app; upstream clients open in lifespan and close on shutdown.
+
+    `config_path` is the file a reload (SIGHUP or POST /admin/reload) reads again.
+    """
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     metrics.precreate([m.name for m in config.models], REASONS)
@@ -64,13 +72,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = Gateway(config, scorer, metrics)
-        app.state.gateway = gateway
+        app.state.gateway = Gateway(config, scorer, metrics)
         app.state.ready_at = 0.0
+        reloader = Reloader(app, config_path, metrics)
+        app.state.reloader = reloader
+        loop = asyncio.get_running_loop()
+        hup = _install_sighup(loop, reloader)
         try:
             yield
         finally:
-            await gateway.aclose()
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await reloader.aclose()
+            await app.state.gateway.aclose()
 
     app = FastAPI(
         title="Triage",
@@ -97,17 +111,11 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await handle_completion(request, "completions")
 
-    models_body = {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "triage"}
-            for name in [config.routing.alias, *(m.name for m in config.models)]
-        ],
-    }
-
     @app.get("/v1/models", summary="List the routing alias and the configured models")
-    async def list_models() -> JSONResponse:
-        return JSONResponse(models_body)
+    async def list_models(request: Request) -> JSONResponse:
+        gw: Gateway = request.app.state.gateway
+        gw.auth.authenticate(request.headers.get("authorization"))
+        return JSONResponse(_models_body(gw.config))
 
     @app.get("/healthz", summary="Liveness: the process is up")
     async def healthz() -> JSONResponse:
@@ -127,11 +135,29 @@ def create_app(
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        check_token(gw.auth.metrics_token, request.headers.get("authorization"))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload", summary="Reload config.yaml (when admin.reload_endpoint is on)")
+    async def admin_reload(request: Request) -> JSONResponse:
+        gw: Gateway = request.app.state.gateway
+        if not gw.config.admin.reload_endpoint:
+            raise StarletteHTTPException(404, "Not Found")
+        check_token(gw.auth.admin_token, request.headers.get("authorization"))
+        try:
+            new = await request.app.state.reloader.reload()
+        except ReloadError as exc:
+            return JSONResponse(
+                {"error": {"message": str(exc), "type": "invalid_request_error",
+                           "param": None, "code": "invalid_config"}}, 400,
+            )
+        return JSONResponse({"status": "reloaded", "models": [m.name for m in new.models]})
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        metrics.rejected.labels(str(exc.status_code)).inc()
         return Response(exc.body(), exc.status_code, media_type="application/json")
 
     @app.exception_handler(StarletteHTTPException)
@@ -154,3 +180,34 @@ def create_app(
         )
 
     return app
+
+
+def _models_body(config: Config) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "triage"}
+            for name in [config.routing.alias, *(m.name for m in config.models)]
+        ],
+    }
+
+
+def _install_sighup(loop: asyncio.AbstractEventLoop, reloader: Reloader) -> bool:
+    """Reload on SIGHUP; only possible in the main thread (not when embedded in tests)."""
+
+    def on_hup() -> None:
+        async def run() -> None:
+            try:
+                await reloader.reload()
+            except ReloadError as exc:
+                log.error("config reload rejected, still serving the old config:\n%s", exc)
+
+        task = loop.create_task(run())
+        reloader._retiring.add(task)  # keep a reference until it finishes
+        task.add_done_callback(reloader._retiring.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
+    return True

@@ -26,10 +26,13 @@ from pydantic import (
 )
 
 __all__ = [
+    "AdminConfig",
+    "AuthConfig",
     "CascadeConfig",
     "ClassifierConfig",
     "Config",
     "ConfigError",
+    "Limits",
     "ModelConfig",
     "Price",
     "QualityChecks",
@@ -213,10 +216,43 @@ class RoutingConfig(_Strict):
         return self
 
 
+class Limits(_Strict):
+    """Per-key limits; each is off when null."""
+
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
+    budget_usd: float | None = Field(
+        None, gt=0, description="Spend allowed per key since the gateway started."
+    )
+
+
+class AuthConfig(_Strict):
+    """Client API keys and limits; with no keys configured the gateway is open."""
+
+    keys_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Env var with comma-separated `name:key` pairs (or bare keys).",
+    )
+    keys_file: Path | None = Field(
+        None, description="File of `name sha256-hex-of-key` lines; keys are never stored in clear."
+    )
+    metrics_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    admin_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    limits: Limits = Limits()
+
+
+class AdminConfig(_Strict):
+    """Operational endpoints."""
+
+    reload_endpoint: bool = Field(False, description="Enable POST /admin/reload.")
+
+
 class Config(_Strict):
     """The whole gateway configuration."""
 
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    admin: AdminConfig = AdminConfig()
     models: list[ModelConfig] = Field(min_length=1)
     classifier: ClassifierConfig
     routing: RoutingConfig = RoutingConfig()
@@ -296,6 +332,18 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
             problems.append(
                 f"  models.{i}.api_key_env  environment variable {m.api_key_env} is not set"
             )
+    for field in ("keys_env", "metrics_token_env", "admin_token_env"):
+        var = getattr(config.auth, field)
+        if var and not env.get(var):
+            problems.append(f"  auth.{field}  environment variable {var} is not set")
+    kpath = config.auth.keys_file
+    if kpath is not None and not kpath.is_absolute():
+        kpath = (path.parent / kpath).resolve()
+        config = config.model_copy(
+            update={"auth": config.auth.model_copy(update={"keys_file": kpath})}
+        )
+    if kpath is not None and not kpath.is_file():
+        problems.append(f"  auth.keys_file  file not found: {kpath}")
     cpath = config.classifier.path
     if cpath is not None and not cpath.is_absolute():
         cpath = (path.parent / cpath).resolve()

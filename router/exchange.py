@@ -9,6 +9,7 @@ from typing import Any, Literal
 import orjson
 
 from router.accounting import Usage
+from router.auth import KeyState
 from router.config import ModelConfig
 from router.errors import GatewayError
 from router.gateway import Gateway
@@ -44,6 +45,7 @@ class Exchange:
     quality_on: bool
     fallback_on: bool
     escalation_budget_usd: float | None
+    key: KeyState | None = None
     upstream_s: float = 0.0
     fallback_reason: str | None = None
     strip_logprobs: bool = False
@@ -104,9 +106,16 @@ class Exchange:
         teacher = self.gateway.accountant.teacher_cost(Usage(prompt, completion))
         return teacher <= self.escalation_budget_usd
 
+    def record(self, model: str, usage: Usage, served: bool) -> None:
+        """Count an attempt's tokens and cost, globally and against the client's key."""
+        cost = self.gateway.accountant.record(model, usage, served)
+        if self.key is not None:
+            self.key.charge(usage.prompt_tokens + usage.completion_tokens, cost)
+            self.gateway.metrics.key_cost.labels(self.key.name).inc(cost)
+
     def fail_quality(self, model: ModelConfig, reason: str, usage: Usage) -> QualityFailure:
         """Pay for the rejected attempt and count the escalation."""
-        self.gateway.accountant.record(model.name, usage, served=False)
+        self.record(model.name, usage, served=False)
         self.gateway.metrics.fallbacks.labels(model.name, reason).inc()
         self.fallback_reason = reason
         return QualityFailure(model.name, reason)
@@ -114,6 +123,7 @@ class Exchange:
     def finish(self, model: str, reason: str, status: int) -> None:
         """Count the request once its outcome is known."""
         m = self.gateway.metrics
+        self.gateway.active -= 1
         total = time.perf_counter() - self.started
         m.requests.labels(model, reason, f"{status // 100}xx").inc()
         m.request_duration.labels(model).observe(total)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from classifiers import Scorer
 from router.accounting import Accountant
+from router.auth import Authenticator
 from router.breaker import State
 from router.config import Config
 from router.metrics import Metrics
@@ -43,6 +44,13 @@ class Gateway:
             for i in range(len(m.endpoints)):
                 metrics.circuit_state.labels(m.name, str(i)).set(0)
         self.retry_budget = RetryBudget(routing.retry_budget_ratio, routing.retry_budget_burst)
+        self.auth = Authenticator(config.auth)
+        for name in self.auth.names:
+            metrics.key_cost.labels(name)
+            for limit in ("requests_per_minute", "tokens_per_minute", "budget_exceeded"):
+                metrics.rate_limited.labels(name, limit)
+        # Requests in flight on this gateway; a reload closes the old one when it reaches 0.
+        self.active = 0
         self.teacher = config.teacher
         self.refusals: dict[str, re.Pattern[str]] = {
             m.name: compile_refusals(m.checks) for m in config.students

@@ -152,6 +152,16 @@ class Metrics:
             "Requests refused before routing (bad body, unknown model, too large, auth, limits).",
             ["code"], registry=registry,
         )
+        self.rate_limited = Counter(
+            "triage_rate_limited", "Requests refused by a per-key limit, by key name and limit.",
+            ["key", "limit"], registry=registry,
+        )
+        self.key_cost = Counter(
+            "triage_key_cost_usd", "Spend in USD by client key name.", ["key"], registry=registry,
+        )
+        self.reloads = Counter(
+            "triage_config_reloads", "Config reloads by result.", ["result"], registry=registry,
+        )
         self.build_info = Gauge(
             "triage_build_info", "Always 1; labels carry the version and config hash.",
             ["version", "config_hash"], registry=registry,

@@ -26,6 +26,7 @@ from starlette.responses import Response
 
 from classifiers import prompt_text
 from router.accounting import usage_from_body
+from router.auth import RateLimited, retry_after_header
 from router.config import ModelConfig
 from router.errors import (
     BodyTooLarge,
@@ -134,6 +135,13 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
     request_id = _request_id(request)
     config = gw.config
     try:
+        key = gw.auth.authenticate(request.headers.get("authorization"))
+        if key is not None:
+            try:
+                key.admit()
+            except RateLimited as exc:
+                gw.metrics.rate_limited.labels(key.name, exc.code or "").inc()
+                raise
         body = await _read_body(request, config.server.max_body_bytes)
         payload = _parse(body, endpoint)
         text, chars = _prompt(payload, endpoint)
@@ -152,7 +160,10 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
         budget_usd = _budget_header(request)
     except GatewayError as exc:
         gw.metrics.rejected.labels(str(exc.status_code)).inc()
-        return _error_response(exc, {"x-request-id": request_id})
+        headers = {"x-request-id": request_id}
+        if isinstance(exc, RateLimited):
+            headers.update(retry_after_header(exc.retry_after_s))
+        return _error_response(exc, headers)
     gw.metrics.routing_decisions.labels(decision.model.name, decision.reason).inc()
     if score is not None:
         gw.router.controller.observe(score, decision.model.role == "student")
@@ -168,7 +179,9 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
         prompt_chars=chars, quality_on=cascade.enabled and not opted_out,
         fallback_on=config.routing.fallback_to_teacher and not opted_out,
         escalation_budget_usd=budget_usd if budget_usd is not None else cascade.max_escalation_usd,
+        key=key,
     )
+    gw.active += 1
     return await _serve(ex)
 
 
@@ -305,7 +318,7 @@ async def _json_attempt(
             content = orjson.dumps(parsed)
         if gw.shadow.sample():
             gw.shadow.start(model, ex.path, ex.payload, answer.text, ex.request_id)
-    gw.accountant.record(model.name, usage, served=True)
+    ex.record(model.name, usage, served=True)
     ex.finish(model.name, reason, reply.status_code)
     headers = ex.headers(model, reason)
     headers.update(reply.headers)

@@ -226,7 +226,7 @@ async def _pump(
         # One event per token is how OpenAI-compatible servers stream; minus
         # the role and finish chunks it is a fair estimate when usage is absent.
         # A stream that failed is paid for but was not a served answer.
-        gw.accountant.record(
+        ex.record(
             model.name, usage or ex.estimate(max(events - 2, 0)), served=status == 200
         )
         gw.metrics.upstream_duration.labels(model.name).observe(ex.upstream_s)

@@ -149,7 +149,7 @@ async def _stream(
         if state.mode == "broken_frame" and i == len(words) // 2:
             yield b'data: {"id": "chunk-fake", "choices": [{"delta": {"content": "x\n\n'
         if state.mode == "stall" and i == len(words) // 2:
-            await asyncio.sleep(3600)
+            await asyncio.sleep(5)
         yield _chunk(body, chat, word, None, state.logprob)
         if state.chunk_delay_s:
             await asyncio.sleep(state.chunk_delay_s)

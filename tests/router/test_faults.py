@@ -86,7 +86,7 @@ def test_hang_before_first_byte_times_out_then_falls_back(
 ) -> None:
     raw = base_config(upstreams.urls)
     raw["models"][0]["read_timeout_s"] = 0.3
-    upstreams.small.delay_s = 30
+    upstreams.small.delay_s = 5
     with make_gateway(raw) as gw:
         start = time.monotonic()
         resp = ask(gw)
@@ -97,8 +97,8 @@ def test_hang_before_first_byte_times_out_then_falls_back(
 
 def test_overall_deadline_bounds_retries(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
     raw = base_config(upstreams.urls, request_deadline_s=0.6)
-    upstreams.small.delay_s = 30
-    upstreams.teacher.delay_s = 30
+    upstreams.small.delay_s = 5
+    upstreams.teacher.delay_s = 5
     with make_gateway(raw) as gw:
         start = time.monotonic()
         resp = ask(gw)
