@@ -22,7 +22,8 @@ _STEPS = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 _CONSTRAINTS = re.compile(
-    r"\bmust\b|\bshould\b|\bexactly\b|\bat least\b|\bat most\b|\bwithout\b|\bonly\b|^\s*[-*\d]+[.)]\s",
+    r"\bmust\b|\bshould\b|\bexactly\b|\bat least\b|\bat most\b|\bwithout\b|\bonly\b"
+    r"|^\s*[-*\d]+[.)]\s",
     re.IGNORECASE | re.MULTILINE,
 )
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")

@@ -1,0 +1,287 @@
+"""Prompt features: hashed character and word n-grams plus hand-made cues, in numpy.
+
+One function, `featurize`, turns a prompt into three parts:
+
+- `char_idx`: hashed buckets of character 2..5-grams (one entry per occurrence),
+- `word_idx`: hashed buckets of word unigrams and bigrams (one entry per occurrence),
+- `cues`: a small dense vector a person would look at (length, constraints, steps, math
+  notation, code, quantities, question type).
+
+Training builds a sparse matrix from these parts (`feature_matrix`); the hot path sums the
+fitted weights at the same buckets (`classifiers.learned`). Both read the same arrays, so
+the served score is the fitted model's score, not an approximation of it.
+
+Hashes are polynomial over Unicode code points in uint64 arithmetic (wrapping), so they are
+the same on every machine and every run, unlike Python's salted `hash()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import numpy.typing as npt
+from scipy import sparse
+
+U64 = npt.NDArray[np.uint64]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+# Feature cost is linear in text length; the ask and its constraints sit at the start, the
+# question or the output format at the end, so long prompts keep a head and a tail.
+HEAD_CHARS = 3_000
+TAIL_CHARS = 1_000
+CHAR_NGRAMS = (2, 3, 4, 5)
+# 2**19 float64 weights = 4 MiB: small enough to stay mostly in cache on the hot path.
+HASH_BITS = 19
+N_BUCKETS = 1 << HASH_BITS
+
+_P = np.uint64(0x100000001B3)  # FNV-1 64-bit prime: odd, so it has an inverse mod 2**64
+_P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing spreads the top bits
+_SHIFT = np.uint64(64 - HASH_BITS)
+_CHAR_SALT = np.array([0x51 * (n + 1) for n in CHAR_NGRAMS], dtype=np.uint64)
+_UNI_SALT = np.uint64(0xA5A5)
+_BI_SALT = np.uint64(0x5A5A)
+_BI_MUL = np.uint64(0xC2B2AE3D27D4EB4F)
+
+_MAX_LEN = HEAD_CHARS + TAIL_CHARS + 1 + max(CHAR_NGRAMS)
+
+
+def _ascii_table(chars: str) -> npt.NDArray[np.bool_]:
+    table = np.zeros(129, dtype=np.bool_)
+    for ch in chars:
+        table[ord(ch)] = True
+    return table
+
+
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
+# Index 128 stands for every non-ASCII code point: letters of other scripts are word chars.
+_WORD = _ascii_table(_ALNUM)
+_WORD[128] = True
+_DIGIT = _ascii_table("0123456789")
+
+
+# Cue word groups (lower case). Counts of these are what a person skims for.
+CUE_WORDS: dict[str, tuple[str, ...]] = {
+    "constraint": (
+        "must", "should", "exactly", "least", "most", "without", "only", "ensure", "never",
+        "always", "each", "every", "require", "requires", "required", "limit", "format",
+        "include", "avoid", "cannot", "no", "not", "don", "within", "maximum", "minimum",
+    ),
+    "step": (
+        "step", "steps", "first", "then", "next", "finally", "after", "before", "explain",
+        "why", "compare", "derive", "analyze", "analyse", "design", "implement", "optimize",
+        "optimise", "debug", "justify", "evaluate", "reason", "discuss", "plan", "detail",
+    ),
+    "math": (
+        "prove", "proof", "theorem", "lemma", "integral", "derivative", "equation", "solve",
+        "compute", "calculate", "probability", "matrix", "polynomial", "integer", "prime",
+        "sum", "product", "remainder", "divisible", "real", "function", "graph", "triangle",
+        "area", "radius", "expression", "simplify", "factor", "percent", "ratio",
+    ),
+    "code": (
+        "def", "class", "return", "import", "print", "code", "python", "javascript", "java",
+        "sql", "algorithm", "array", "list", "string", "int", "void", "const", "let", "var",
+        "script", "regex", "api", "bug", "error", "compile", "program", "test", "assert",
+    ),
+    "simple": (
+        "thanks", "thank", "hello", "hi", "hey", "please", "translate", "summarize",
+        "rewrite", "fix", "spell", "synonym", "define", "name", "joke", "poem", "short",
+    ),
+}
+# The first word says what kind of ask this is.
+QUESTION_WORDS = (
+    "what", "who", "when", "where", "which", "why", "how", "is", "are", "can", "does", "do",
+    "write", "explain", "describe", "list", "give", "tell", "create", "generate", "find",
+    "solve", "prove", "calculate", "compute", "let", "if", "given", "implement", "translate",
+)
+# Characters counted as cues (after lower-casing; digits are counted before folding).
+CUE_CHARS = "?\n$\\=+-*/^{}();`#_<>%[]|:,."
+
+_CUE_CODES = np.array([ord(c) for c in CUE_CHARS], dtype=np.int64)
+
+N_CUES = 6 + len(CUE_WORDS) + len(CUE_CHARS) + len(QUESTION_WORDS) + 1
+
+
+@dataclass(frozen=True)
+class Features:
+    """The features of one prompt (see the module docstring)."""
+
+    char_idx: I64
+    word_idx: I64
+    cues: F64
+
+
+def _encode(text: str) -> U64:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(
+        np.uint64
+    )
+
+
+def word_hash(word: str) -> int:
+    """The polynomial hash `featurize` gives a lower-case word (for cue tables)."""
+    h = 0
+    p = 1
+    for ch in word:
+        h = (h + ord(ch) * p) % (1 << 64)
+        p = p * 0x100000001B3 % (1 << 64)
+    return h
+
+
+@lru_cache(maxsize=1)
+def _powers() -> tuple[U64, U64]:
+    """P**k and P**-k mod 2**64 for every position of a capped text."""
+    pw = np.empty(_MAX_LEN, dtype=np.uint64)
+    pinv = np.empty(_MAX_LEN, dtype=np.uint64)
+    pw[0] = pinv[0] = 1
+    pw[1:] = _P
+    pinv[1:] = _P_INV
+    # uint64 array products wrap mod 2**64, which is the arithmetic we want.
+    return np.cumprod(pw), np.cumprod(pinv)
+
+
+@lru_cache(maxsize=1)
+def _cue_tables() -> tuple[U64, I64, dict[int, int]]:
+    """Sorted cue-word hashes with their group ids, and first-word hash -> question-type id."""
+    pairs = sorted(
+        (word_hash(w), g) for g, words in enumerate(CUE_WORDS.values()) for w in set(words)
+    )
+    hashes = np.array([h for h, _ in pairs], dtype=np.uint64)
+    groups = np.array([g for _, g in pairs], dtype=np.int64)
+    first = {word_hash(w): i for i, w in enumerate(QUESTION_WORDS)}
+    return hashes, groups, first
+
+
+def _clip(text: str) -> str:
+    if len(text) <= HEAD_CHARS + TAIL_CHARS:
+        return text
+    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
+
+
+def featurize(text: str) -> Features:
+    """Features of one prompt; bounded work for any input length or content."""
+    full_len = len(text)
+    clipped = _clip(text)
+    codes = _encode(clipped.lower())
+    n = len(codes)
+    small = np.minimum(codes, 128)
+    is_digit = _DIGIT[small]
+    # Digits fold to "0": "17 apples" and "42 apples" are the same kind of ask.
+    codes[is_digit] = 48
+    cue_counts = np.bincount(small, minlength=129)
+
+    # Character n-grams: h_n[i] = sum_k codes[i+k] * P**k, with n-1 zeros padded after the
+    # end, so the last grams of a text are marked as endings.
+    pw, pinv = _powers()
+    padded = np.zeros(n + max(CHAR_NGRAMS), dtype=np.uint64)
+    padded[:n] = codes
+    h = padded[:n].copy()
+    char_parts: list[U64] = []
+    for k in range(1, max(CHAR_NGRAMS)):
+        h += padded[k : n + k] * pw[k]
+        size = k + 1
+        if size in CHAR_NGRAMS:
+            salt = _CHAR_SALT[CHAR_NGRAMS.index(size)]
+            char_parts.append(((h + salt) * _MIX) >> _SHIFT)
+    char_idx = np.concatenate(char_parts).astype(np.int64) if n else np.zeros(0, np.int64)
+
+    # Words: maximal runs of word characters, hashed through prefix sums.
+    is_word = np.zeros(n + 2, dtype=np.int8)
+    is_word[1:-1] = _WORD[small]
+    edges = is_word[1:] - is_word[:-1]
+    starts = (edges == 1).nonzero()[0]
+    ends = (edges == -1).nonzero()[0]
+    prefix = np.zeros(n + 1, dtype=np.uint64)
+    np.cumsum(codes * pw[:n], out=prefix[1:])
+    words = (prefix[ends] - prefix[starts]) * pinv[starts]
+    uni = ((words + _UNI_SALT) * _MIX) >> _SHIFT
+    bi = ((words[:-1] * _BI_MUL + words[1:] + _BI_SALT) * _MIX) >> _SHIFT
+    word_idx = np.concatenate((uni, bi)).astype(np.int64)
+
+    # Cues.
+    n_words = len(words)
+    scale = full_len / n if n else 1.0
+    hashes, groups, first = _cue_tables()
+    pos = np.minimum(np.searchsorted(hashes, words), len(hashes) - 1)
+    group_counts = np.bincount(groups[pos[hashes[pos] == words]], minlength=len(CUE_WORDS))
+    qtype = np.zeros(len(QUESTION_WORDS) + 1)
+    if n_words:
+        qtype[first.get(int(words[0]), len(QUESTION_WORDS))] = 1.0
+    n_numbers = int(np.count_nonzero(is_digit[1:] > is_digit[:-1])) + int(n > 0 and is_digit[0])
+    # Lines that open like a list item or an option ("1.", "-", "a)") count as steps/choices.
+    line_starts = (codes[:-1] == 10).nonzero()[0] + 1
+    heads = codes[line_starts]
+    after = codes[np.minimum(line_starts + 1, n - 1)]
+    listy = int(np.count_nonzero((heads == 45) | (heads == 42) | (heads == 48)))
+    choice = int(np.count_nonzero((heads >= 97) & (heads <= 101) & ((after == 41) | (after == 46))))
+    dense = np.empty(N_CUES)
+    dense[:6] = (full_len, n_words * scale, cue_counts[10] + 1, n_numbers, listy, choice)
+    dense[6 : 6 + len(CUE_WORDS)] = group_counts
+    at = 6 + len(CUE_WORDS)
+    dense[at : at + len(CUE_CHARS)] = cue_counts[_CUE_CODES] * scale
+    at += len(CUE_CHARS)
+    np.log1p(dense[:at], out=dense[:at])
+    dense[at:] = qtype
+    return Features(char_idx=char_idx, word_idx=word_idx, cues=dense)
+
+
+def document_frequency(feats: Sequence[Features]) -> npt.NDArray[np.int64]:
+    """How many prompts hit each bucket (either block)."""
+    df = np.zeros(N_BUCKETS, dtype=np.int64)
+    for f in feats:
+        df[np.unique(np.concatenate((f.char_idx, f.word_idx)))] += 1
+    return df
+
+
+def idf_weights(df: npt.NDArray[np.int64], n_docs: int) -> F64:
+    """Smoothed IDF as scikit-learn's TfidfVectorizer computes it, rounded to float32.
+
+    The rounding happens before training, so the artifact can store float32 and the hot
+    path still reproduces the fitted model exactly.
+    """
+    idf: F64 = np.log((1.0 + n_docs) / (1.0 + df)) + 1.0
+    rounded: F64 = idf.astype(np.float32).astype(np.float64)
+    return rounded
+
+
+def block_values(idx: I64, idf: F64) -> F64:
+    """TF-IDF values of one block's occurrences, L2-normalised over the occurrences."""
+    v = idf[idx]
+    norm = float(np.sqrt(np.dot(v, v)))
+    out: F64 = v / norm if norm > 0 else v
+    return out
+
+
+def feature_matrix(
+    feats: Sequence[Features], idf: F64, cue_mean: F64, cue_std: F64
+) -> sparse.csr_matrix:
+    """Rows of [hashed n-gram TF-IDF (N_BUCKETS) | standardised cues (N_CUES)].
+
+    An n-gram seen k times contributes k * idf / norm to its bucket, where norm is the
+    root of the summed squared idf over all occurrences in its block; the hot path
+    (`classifiers.learned`) computes the same two sums per block.
+    """
+    indptr = [0]
+    indices: list[I64] = []
+    data: list[F64] = []
+    cue_cols = np.arange(N_BUCKETS, N_BUCKETS + N_CUES, dtype=np.int64)
+    for f in feats:
+        parts_i = [f.char_idx, f.word_idx, cue_cols]
+        parts_d = [
+            block_values(f.char_idx, idf),
+            block_values(f.word_idx, idf),
+            (f.cues - cue_mean) / cue_std,
+        ]
+        indices.extend(parts_i)
+        data.extend(parts_d)
+        indptr.append(indptr[-1] + sum(len(p) for p in parts_i))
+    matrix = sparse.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices), np.array(indptr)),
+        shape=(len(feats), N_BUCKETS + N_CUES),
+    )
+    # Repeated n-grams land in one bucket; summing them makes the matrix canonical.
+    matrix.sum_duplicates()
+    return matrix

@@ -1,0 +1,96 @@
+"""The learned scorer: fitted weights evaluated directly on the hot path.
+
+Scoring one prompt is `classifiers.features.featurize` plus a gather-and-sum over the
+hashed weights (TF-IDF folded in) and a 69-term dot product, tens of microseconds, instead of the ~1 ms of
+scikit-learn's per-call input validation. Loading never imports scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import numpy.typing as npt
+
+from classifiers import features as F
+from classifiers.artifact import FORMAT, FORMAT_VERSION, feature_spec, sigmoid
+from classifiers.base import TextScorer
+
+
+class ArtifactError(ValueError):
+    """The artifact file is not one this code can score with."""
+
+
+class LearnedScorer(TextScorer):
+    """Calibrated probability that a prompt needs the teacher, from a trained artifact."""
+
+    name = "learned"
+
+    def __init__(self, artifact: dict[str, Any]) -> None:
+        self.metadata: dict[str, Any] = dict(artifact["metadata"])
+        idf = np.asarray(artifact["idf"], np.float64)
+        # Per occurrence: weight * idf goes to the numerator, idf**2 to the block's norm.
+        self._wi: npt.NDArray[np.float64] = np.asarray(artifact["ngram_weights"], np.float64) * idf
+        self._idf2: npt.NDArray[np.float64] = idf * idf
+        cue_std = np.asarray(artifact["cue_std"], np.float64)
+        cue_w = np.asarray(artifact["cue_weights"], np.float64)
+        self._cue_w: npt.NDArray[np.float64] = cue_w / cue_std
+        # Standardising the cues is folded into the weights and the intercept.
+        self._offset = float(artifact["intercept"]) - float(
+            np.dot(np.asarray(artifact["cue_mean"], np.float64), self._cue_w)
+        )
+        self._calib_a, self._calib_b = (float(v) for v in artifact["calibration"])
+
+    @classmethod
+    def load(cls, path: Path) -> LearnedScorer:
+        """Load an artifact written by `classifiers.train.save`; fail clearly on a mismatch."""
+        with warnings.catch_warnings():
+            # An artifact holding a pickled scikit-learn object from another version would
+            # raise InconsistentVersionWarning; matching on the message avoids importing
+            # scikit-learn at gateway start.
+            warnings.filterwarnings("error", message=r".*Trying to unpickle estimator")
+            try:
+                artifact = joblib.load(path)
+            except Warning as exc:
+                raise ArtifactError(f"{path}: built with another scikit-learn: {exc}") from exc
+        if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
+            raise ArtifactError(f"{path}: not a {FORMAT} artifact")
+        if artifact.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{path}: format version {artifact.get('format_version')!r}, this code reads "
+                f"{FORMAT_VERSION}; retrain with `triage train --out {path}`"
+            )
+        spec = artifact["metadata"].get("features")
+        if spec != feature_spec():
+            raise ArtifactError(
+                f"{path}: trained with features {spec}, this code computes {feature_spec()}; "
+                f"retrain with `triage train --out {path}`"
+            )
+        return cls(artifact)
+
+    def decision(self, text: str) -> float:
+        """The logistic regression's raw log-odds (before calibration)."""
+        f = F.featurize(text)
+        z = self._offset + float(np.dot(f.cues, self._cue_w))
+        for idx in (f.char_idx, f.word_idx):
+            if len(idx):
+                z += float(self._wi[idx].sum()) / math.sqrt(float(self._idf2[idx].sum()))
+        return z
+
+    def calibrate(self, z: float) -> float:
+        """Map raw log-odds to the calibrated probability."""
+        p = sigmoid(self._calib_a * z + self._calib_b)
+        return p if math.isfinite(p) else 0.5
+
+    def score_text(self, text: str) -> float:
+        """Probability in [0, 1] that `text` needs the teacher."""
+        return self.calibrate(self.decision(text))
+
+    def score_many(self, texts: Iterable[str]) -> list[float]:
+        """Score many texts (per-text cost is already dominated by featurizing)."""
+        return [self.calibrate(self.decision(t)) for t in texts]
