@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     route.set_defaults(func=_route)
 
+    from router.render import add_subcommand as add_render
     from router.stats import add_subcommand as add_stats
 
     add_stats(sub)
+    add_render(sub)
     try:
         from classifiers.cli import add_subcommands
     except ImportError:  # pragma: no cover - the classifier CLI ships with the package

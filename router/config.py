@@ -37,6 +37,7 @@ __all__ = [
     "Price",
     "QualityChecks",
     "RoutingConfig",
+    "ServeConfig",
     "ServerConfig",
     "format_validation_error",
     "load_config",
@@ -103,6 +104,22 @@ class QualityChecks(_Strict):
         return value
 
 
+class ServeConfig(_Strict):
+    """How to run a model on vLLM; `triage render compose|k8s` turns it into deploy files."""
+
+    hf_model: str | None = Field(None, description="Weights to load (default: upstream_model).")
+    image: str = "vllm/vllm-openai:v0.31.0"
+    gpus: int = Field(1, ge=1, description="GPUs per replica.")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="Default: gpus.")
+    max_model_len: int | None = Field(None, gt=0, description="Default: the model's context_window.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    reasoning_parser: str | None = Field(None, description="e.g. deepseek_r1 for R1 distills.")
+    extra_args: list[str] = Field(default_factory=list)
+    replicas: int = Field(1, ge=1, description="Kubernetes replicas behind each endpoint's Service.")
+    memory: str = Field("32Gi", description="Kubernetes memory request.")
+
+
 class ModelConfig(_Strict):
     """One routable model: a student or the teacher, served by one or more endpoints."""
 
@@ -119,6 +136,7 @@ class ModelConfig(_Strict):
     max_connections: int = Field(200, gt=0)
     max_keepalive_connections: int = Field(50, ge=0)
     checks: QualityChecks = QualityChecks()
+    serve: ServeConfig | None = None
 
     @model_validator(mode="after")
     def _max_score_for_students_only(self) -> ModelConfig:
@@ -346,7 +364,7 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
         problems.append(f"  auth.keys_file  file not found: {kpath}")
     cpath = config.classifier.path
     if cpath is not None and not cpath.is_absolute():
-        cpath = (path.parent / cpath).resolve()
+        cpath = _resolve_model_path(path.parent, cpath)
         config = config.model_copy(
             update={"classifier": config.classifier.model_copy(update={"path": cpath})}
         )
@@ -355,6 +373,21 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
     if problems:
         raise ConfigError(f"{path} has {len(problems)} error(s):\n" + "\n".join(problems))
     return config
+
+
+def _resolve_model_path(config_dir: Path, relative: Path) -> Path:
+    """A relative classifier path: next to the config file, else inside the installed package.
+
+    The second form lets `classifiers/models/complexity.joblib` name the shipped model from
+    any config file, wherever it lives (a container's /etc/triage, a k8s ConfigMap).
+    """
+    beside = (config_dir / relative).resolve()
+    if beside.exists():
+        return beside
+    import classifiers
+
+    packaged = (Path(classifiers.__file__).resolve().parent.parent / relative).resolve()
+    return packaged if packaged.exists() else beside
 
 
 def config_hash(path: Path) -> str:
