@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from router.config import Config, ConfigError, config_hash, load_config
 
@@ -39,10 +43,23 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"triage: cannot load the classifier: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app, host=host, port=port, log_level=args.log_level, access_log=args.access_log,
-        loop="uvloop", http="httptools", timeout_graceful_shutdown=args.drain_timeout_s,
-    )
+    options: dict[str, Any] = {
+        "host": host, "port": port, "log_level": args.log_level, "access_log": args.access_log,
+        "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": args.drain_timeout_s,
+    }
+    if args.workers > 1:
+        # Each worker process builds its own app from the config named in the environment;
+        # metrics go through prometheus-client's multiprocess files so /metrics shows the
+        # sum over workers, whichever worker answers the scrape.
+        metrics_dir = Path(tempfile.mkdtemp(prefix="triage-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        os.environ["TRIAGE_CONFIG"] = str(args.config.resolve())
+        try:
+            uvicorn.run("router.app:app_from_env", factory=True, workers=args.workers, **options)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        return 0
+    uvicorn.run(app, **options)
     return 0
 
 
@@ -85,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes (metrics are aggregated across them)")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, wait this long for in-flight requests")
     serve.set_defaults(func=_serve)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -20,10 +21,10 @@ from starlette.responses import JSONResponse, Response
 from classifiers import Scorer, load_scorer
 from router import __version__
 from router.auth import check_token
-from router.config import Config
+from router.config import Config, config_hash, load_config
 from router.errors import GatewayError, error_body
 from router.gateway import Gateway
-from router.metrics import Metrics
+from router.metrics import Metrics, exposition
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.proxy import handle_completion
 from router.reload import Reloader, ReloadError
@@ -138,7 +139,7 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         gw: Gateway = request.app.state.gateway
         check_token(gw.auth.metrics_token, request.headers.get("authorization"))
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload", summary="Reload config.yaml (when admin.reload_endpoint is on)")
     async def admin_reload(request: Request) -> JSONResponse:
@@ -180,6 +181,13 @@ def create_app(
         )
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for `triage serve --workers N`: each worker loads the config named in env."""
+    path = Path(os.environ["TRIAGE_CONFIG"])
+    config = load_config(path)
+    return create_app(config, config_hash=config_hash(path), config_path=path)
 
 
 def _models_body(config: Config) -> dict[str, Any]:

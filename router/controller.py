@@ -61,30 +61,28 @@ class ShareController:
         return self._students / n if n else float("nan")
 
     def observe(self, score: float, to_student: bool) -> bool:
-        """Record one classifier-routed request; True when the thresholds changed."""
+        """Record one classifier-routed request; True every `share_update_every` requests
+        (time to export the thresholds and the observed share)."""
         if len(self._to_student) == self._to_student.maxlen:
             self._students -= self._to_student[0]
         self._to_student.append(to_student)
         self._students += to_student
         self._scores.append(score)
-        if not self.enabled:
-            return False
         self._since_update += 1
         if self._since_update < self._every:
             return False
         self._since_update = 0
-        return self._update()
+        if self.enabled:
+            self._update()
+        return True
 
-    def _update(self) -> bool:
+    def _update(self) -> None:
         assert self.target is not None
         ordered = sorted(self._scores)
         # The score below which `target` of recent requests fall.
         k = min(int(self.target * len(ordered)), len(ordered) - 1)
         ideal = self._clamp(ordered[k] / self._top if self._top > 0 else 1.0)
-        new = self.factor + _GAIN * (ideal - self.factor)
-        changed = abs(new - self.factor) > 1e-9
-        self.factor = new
-        return changed
+        self.factor += _GAIN * (ideal - self.factor)
 
     def _clamp(self, factor: float) -> float:
         # Bound the top student's threshold, which bounds all the others.

@@ -7,11 +7,19 @@ are created at start so dashboards show zeros instead of gaps.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
-__all__ = ["FALLBACK_REASONS", "UPSTREAM_ERROR_TYPES", "Metrics"]
+__all__ = ["FALLBACK_REASONS", "UPSTREAM_ERROR_TYPES", "Metrics", "exposition"]
 
 # LLM-sized: generations take seconds to minutes.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -28,6 +36,15 @@ FALLBACK_REASONS = (
 )
 UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated")
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text for /metrics: this registry, or every worker's values in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+    return generate_latest(registry)
 
 
 class Metrics:
@@ -99,20 +116,21 @@ class Metrics:
         )
         self.inflight = Gauge(
             "triage_inflight_requests", "Requests in flight by model.", ["model"], registry=registry,
+            multiprocess_mode="livesum",
         )
         self.student_share = Gauge(
             "triage_student_share",
             "Share of classifier-routed requests sent to students over the recent window.",
-            registry=registry,
+            registry=registry, multiprocess_mode="livemostrecent",
         )
         self.student_share_target = Gauge(
             "triage_student_share_target",
             "Configured target share of classifier-routed requests for students (NaN when unset).",
-            registry=registry,
+            registry=registry, multiprocess_mode="max",
         )
         self.score_threshold = Gauge(
             "triage_score_threshold", "Effective max_score of each student right now.",
-            ["model"], registry=registry,
+            ["model"], registry=registry, multiprocess_mode="livemostrecent",
         )
         self.shadow_agreement = Histogram(
             "triage_shadow_agreement", "Agreement in [0, 1] of a student's answer with the teacher's.",
@@ -128,7 +146,7 @@ class Metrics:
         )
         self.circuit_state = Gauge(
             "triage_circuit_state", "Endpoint circuit: 0 closed, 1 half-open, 2 open.",
-            ["model", "endpoint"], registry=registry,
+            ["model", "endpoint"], registry=registry, multiprocess_mode="livemax",
         )
         self.circuit_transitions = Counter(
             "triage_circuit_transitions", "Circuit breaker transitions by the state entered.",
@@ -145,7 +163,7 @@ class Metrics:
         )
         self.model_info = Gauge(
             "triage_model_info", "Always 1; the role of each configured model.",
-            ["model", "role"], registry=registry,
+            ["model", "role"], registry=registry, multiprocess_mode="max",
         )
         self.rejected = Counter(
             "triage_rejected_requests",
@@ -164,7 +182,7 @@ class Metrics:
         )
         self.build_info = Gauge(
             "triage_build_info", "Always 1; labels carry the version and config hash.",
-            ["version", "config_hash"], registry=registry,
+            ["version", "config_hash"], registry=registry, multiprocess_mode="max",
         )
 
     def precreate(self, models: Iterable[str], reasons: Iterable[str]) -> None:

@@ -165,8 +165,7 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
             headers.update(retry_after_header(exc.retry_after_s))
         return _error_response(exc, headers)
     gw.metrics.routing_decisions.labels(decision.model.name, decision.reason).inc()
-    if score is not None:
-        gw.router.controller.observe(score, decision.model.role == "student")
+    if score is not None and gw.router.controller.observe(score, decision.model.role == "student"):
         gw.publish_thresholds()
     opted_out = request.headers.get("x-triage-fallback", "").lower() == "off"
     stream = payload.get("stream") is True
