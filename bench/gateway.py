@@ -1,0 +1,527 @@
+"""Gateway overhead benchmark (issue 7): wrk against nginx directly, then through Triage.
+
+A canned nginx upstream answers every chat completion instantly, so what the
+via-Triage numbers add over the direct ones is the gateway's own cost:
+requests/s, p50/p99 latency, CPU per request and peak RSS, at fixed connection
+counts. With --stream the upstream sends a 43-event SSE body and a small
+asyncio client also measures the time to first byte, first event and last byte.
+
+    .venv/bin/python bench/gateway.py                 # routing mode, JSON, full run
+    .venv/bin/python bench/gateway.py --mode pinned   # model: student-small, no scoring
+    .venv/bin/python bench/gateway.py --stream --quick
+
+wrk and nginx share core 0, Triage gets core 1 (and up, with --workers).
+Numbers from a shared machine are noisy: compare ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from canned import (
+    BENCH_DIR,
+    REPO,
+    CannedUpstream,
+    chat_body,
+    cpu_ticks,
+    descendants,
+    ensure_tools,
+    free_port,
+    machine,
+    peak_rss_kib,
+    stop_group,
+    wait_port,
+)
+
+PYTHON = REPO / ".venv" / "bin" / "python"
+STUDENT = "student-small"
+
+
+@dataclass
+class WrkRun:
+    """One wrk run's summary (latencies in microseconds)."""
+
+    requests: int
+    duration_s: float
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    max_us: float
+    errors: int
+    triage_cpu_s: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        """Completed requests per second."""
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+
+@dataclass
+class Row:
+    """One connection count: every repeat, direct and via Triage."""
+
+    connections: int
+    direct: list[WrkRun] = field(default_factory=list)
+    via: list[WrkRun] = field(default_factory=list)
+    rss_kib: int = 0
+
+
+@dataclass
+class Settings:
+    """What one bench invocation runs."""
+
+    connections: list[int]
+    duration_s: int
+    repeats: int
+    warmup_s: int
+    mode: str
+    stream: bool
+    workers: int | None
+    cascade: bool
+    stream_requests: int
+
+
+# --- Triage -------------------------------------------------------------------
+
+
+def _repo_config() -> dict[str, Any]:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text()) or {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def triage_config(upstream: str, port: int, cascade: bool) -> dict[str, Any]:
+    """One student and the teacher, both on the canned upstream; classifier from config.yaml."""
+    repo = _repo_config()
+    classifier = dict(repo.get("classifier") or {"kind": "heuristic"})
+    if classifier.get("path") and not Path(classifier["path"]).is_absolute():
+        classifier["path"] = str((REPO / classifier["path"]).resolve())
+    prices = {m.get("name"): m.get("price") for m in repo.get("models") or [] if isinstance(m, dict)}
+    student: dict[str, Any] = {
+        "name": STUDENT, "role": "student", "endpoints": [f"{upstream}/v1"],
+        "upstream_model": "bench-student", "max_score": 0.5,
+    }
+    teacher: dict[str, Any] = {
+        "name": "teacher", "role": "teacher", "endpoints": [f"{upstream}/v1"],
+        "upstream_model": "bench-teacher",
+    }
+    for model in (student, teacher):
+        if prices.get(model["name"]):
+            model["price"] = prices[model["name"]]
+    return {
+        "server": {"host": "127.0.0.1", "port": port},
+        "models": [student, teacher],
+        "classifier": classifier,
+        "routing": {"alias": "auto", "cascade": {"enabled": cascade}},
+    }
+
+
+def workers_supported() -> bool:
+    """Whether this checkout's `triage serve` has a --workers flag."""
+    out = subprocess.run(
+        [str(PYTHON), "-m", "router", "serve", "--help"], cwd=REPO, capture_output=True, text=True,
+        check=False,
+    )
+    return "--workers" in out.stdout
+
+
+class Triage:
+    """`triage serve` on a temp config, pinned with taskset, in its own process group."""
+
+    def __init__(self, workdir: Path, upstream: str, cores: str, workers: int | None,
+                 cascade: bool) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = workdir / "triage.yaml"
+        self.config_path.write_text(yaml.safe_dump(triage_config(upstream, self.port, cascade)))
+        self.log_path = workdir / "triage.log"
+        self.cores = cores
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Triage:
+        cmd = ["taskset", "-c", self.cores, str(PYTHON), "-m", "router", "serve",
+               "--config", str(self.config_path), "--port", str(self.port), "--log-level", "warning"]
+        if self.workers is not None:
+            cmd += ["--workers", str(self.workers)]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, start_new_session=True)
+        try:
+            wait_port(self.port, self.proc, timeout_s=60)
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            sys.stderr.write(self.log_path.read_text(errors="replace")[-3000:])
+            raise
+        return self
+
+    def _wait_healthy(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"triage at {self.url} never answered /healthz") from None
+            time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        """The serving process and every child (workers)."""
+        return descendants(self.proc.pid) if self.proc is not None else []
+
+    def stop(self) -> None:
+        """SIGTERM the group, SIGKILL whatever is left after 10 s."""
+        if self.proc is not None:
+            stop_group(self.proc, grace_s=10.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def probe(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One POST: status, headers, body (to check the setup before measuring)."""
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers.items()), exc.read()
+
+
+# --- wrk ------------------------------------------------------------------------
+
+
+def run_wrk(wrk: str, url: str, connections: int, duration_s: int, body: bytes, core: str,
+            measure: Callable[[], float] | None = None) -> WrkRun:
+    """One wrk run; `measure` returns CPU seconds of the process under test (read before and after)."""
+    cmd = ["taskset", "-c", core, wrk, "-t1", f"-c{connections}", f"-d{duration_s}s",
+           "--timeout", "10s", "-s", str(BENCH_DIR / "chat.lua"), url + "/v1/chat/completions"]
+    env = {**os.environ, "BENCH_BODY": body.decode()}
+    before = measure() if measure else 0.0
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    after = measure() if measure else 0.0
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    v = {k: float(x) for k, x in (kv.split("=") for kv in line.split()[1:])}
+    return WrkRun(
+        requests=int(v["requests"]), duration_s=v["duration_us"] / 1e6, p50_us=v["p50_us"],
+        p90_us=v["p90_us"], p99_us=v["p99_us"], max_us=v["max_us"],
+        errors=int(v["connect"] + v["read"] + v["write"] + v["status"] + v["timeout"]),
+        triage_cpu_s=after - before,
+    )
+
+
+def _med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    """Medians over repeats; added latency is the median of paired (via - direct) differences."""
+    print(f"\n{title}")
+    head = (f"{'conns':>5} | {'direct rps':>10} {'via rps':>9} {'via/dir':>7} | "
+            f"{'dir p50':>8} {'via p50':>8} {'+p50':>8} | {'dir p99':>8} {'via p99':>8} {'+p99':>8} | "
+            f"{'CPU ms/req':>10} {'RSS MiB':>7} {'errors':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        pairs = list(zip(r.direct, r.via, strict=True))
+        d_rps, v_rps = _med([x.rps for x in r.direct]), _med([x.rps for x in r.via])
+        cpu_ms = _med([v.triage_cpu_s * 1000 / v.requests for v in r.via if v.requests])
+        errors = sum(x.errors for x in r.via) + sum(x.errors for x in r.direct)
+        print(f"{r.connections:>5} | {d_rps:>10.0f} {v_rps:>9.0f} {v_rps / d_rps:>7.3f} | "
+              f"{_med([x.p50_us for x in r.direct]):>8.0f} {_med([x.p50_us for x in r.via]):>8.0f} "
+              f"{_med([v.p50_us - d.p50_us for d, v in pairs]):>8.0f} | "
+              f"{_med([x.p99_us for x in r.direct]):>8.0f} {_med([x.p99_us for x in r.via]):>8.0f} "
+              f"{_med([v.p99_us - d.p99_us for d, v in pairs]):>8.0f} | "
+              f"{cpu_ms:>10.3f} {r.rss_kib / 1024:>7.1f} {errors:>6}")
+    print("latencies in µs; rps = requests/s; CPU = Triage user+sys per request; "
+          "RSS = Triage peak (VmHWM, all processes)")
+
+
+def wrk_table(s: Settings, wrk: str, upstream: str, triage: Triage, body: bytes,
+              load_core: str) -> list[Row]:
+    """Every connection count: warm-up, then `repeats` back-to-back direct/via pairs."""
+    rows = []
+    for conns in s.connections:
+        row = Row(conns)
+        run_wrk(wrk, upstream, conns, s.warmup_s, body, load_core)
+        run_wrk(wrk, triage.url, conns, s.warmup_s, body, load_core)
+        for _ in range(s.repeats):
+            row.direct.append(run_wrk(wrk, upstream, conns, s.duration_s, body, load_core))
+            row.via.append(run_wrk(wrk, triage.url, conns, s.duration_s, body, load_core,
+                                   measure=lambda: cpu_ticks(triage.pids())))
+        row.rss_kib = peak_rss_kib(triage.pids())
+        v = row.via[-1]
+        print(f"  c={conns}: direct {_med([x.rps for x in row.direct]):.0f} rps, "
+              f"via {_med([x.rps for x in row.via]):.0f} rps (last: {v.requests} requests, "
+              f"{v.errors} errors)", flush=True)
+        rows.append(row)
+    return rows
+
+
+# --- streaming latency ----------------------------------------------------------
+
+
+@dataclass
+class StreamTiming:
+    """Seconds from sending the request to the response's first byte, first event and last byte."""
+
+    first_byte: float
+    first_event: float
+    last_byte: float
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection that reads Content-Length or chunked replies."""
+
+    def __init__(self, port: int, body: bytes) -> None:
+        self.port = port
+        self.request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def one(self) -> StreamTiming:
+        if self.reader is None or self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        r, w = self.reader, self.writer
+        t0 = time.perf_counter()
+        w.write(self.request)
+        head = await r.readuntil(b"\r\n\r\n")
+        t_head = time.perf_counter()
+        status = int(head.split(b" ", 2)[1])
+        headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:] if ln)
+        }
+        body = bytearray()
+        t_event = 0.0
+        if headers.get(b"transfer-encoding") == b"chunked":
+            while True:
+                size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await r.readuntil(b"\r\n")
+                    break
+                body += (await r.readexactly(size + 2))[:-2]
+                if not t_event and b"data:" in body:
+                    t_event = time.perf_counter()
+        else:
+            left = int(headers.get(b"content-length", b"0"))
+            while left:
+                chunk = await r.read(min(left, 65536))
+                if not chunk:
+                    raise ConnectionError("connection closed mid-body")
+                left -= len(chunk)
+                body += chunk
+                if not t_event and b"data:" in body:
+                    t_event = time.perf_counter()
+        t_end = time.perf_counter()
+        if status != 200 or not body.rstrip().endswith(b"data: [DONE]"):
+            raise RuntimeError(f"bad stream reply {status}: {bytes(body[-200:])!r}")
+        return StreamTiming(t_head - t0, (t_event or t_end) - t0, t_end - t0)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+async def _stream_latency(direct_port: int, via_port: int, body: bytes, n: int,
+                          warmup: int) -> tuple[list[StreamTiming], list[StreamTiming]]:
+    direct, via = _Conn(direct_port, body), _Conn(via_port, body)
+    out: tuple[list[StreamTiming], list[StreamTiming]] = ([], [])
+    try:
+        for i in range(warmup + n):
+            # Alternate so both sides see the same machine noise.
+            d, v = await direct.one(), await via.one()
+            if i >= warmup:
+                out[0].append(d)
+                out[1].append(v)
+    finally:
+        await direct.close()
+        await via.close()
+    return out
+
+
+def print_stream_latency(direct: list[StreamTiming], via: list[StreamTiming]) -> None:
+    """Medians and p99 of each timing, and what Triage adds."""
+    print(f"\nStreaming latency, {len(via)} sequential requests each way, alternating "
+          "(one keep-alive connection each; µs)")
+    head = f"{'':>12} | {'dir p50':>8} {'via p50':>8} {'+p50':>8} | {'dir p99':>8} {'via p99':>8} {'+p99':>8}"
+    print(head)
+    print("-" * len(head))
+    for name in ("first_byte", "first_event", "last_byte"):
+        d = [getattr(t, name) * 1e6 for t in direct]
+        v = [getattr(t, name) * 1e6 for t in via]
+        dq, vq = statistics.quantiles(d, n=100), statistics.quantiles(v, n=100)
+        print(f"{name:>12} | {_med(d):>8.0f} {_med(v):>8.0f} {_med(v) - _med(d):>8.0f} | "
+              f"{dq[98]:>8.0f} {vq[98]:>8.0f} {vq[98] - dq[98]:>8.0f}")
+    print("first_byte = response headers; first_event = first `data:` bytes; last_byte = end of body")
+
+
+# --- main -------------------------------------------------------------------------
+
+
+def _cores(workers: int | None) -> tuple[str, str, str]:
+    """(load generator + nginx cores, Triage cores, a note when they overlap)."""
+    ncpu = len(os.sched_getaffinity(0))
+    if ncpu < 2:
+        return "0", "0", "only one usable core: wrk, nginx and Triage share it"
+    want = workers or 1
+    triage = list(range(1, min(ncpu, 1 + want)))
+    note = ""
+    if want > len(triage):
+        note = f"{want} workers share {len(triage)} core(s) ({ncpu} usable in all)"
+    return "0", ",".join(map(str, triage)), note
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _git_version() -> str:
+    out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+                         text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
+def run(s: Settings, json_out: Path | None) -> int:
+    """Start nginx and Triage, run every table, stop both."""
+    tools = ensure_tools({"nginx": "nginx-light", "wrk": "wrk", "taskset": "util-linux"})
+    if not PYTHON.exists():
+        sys.exit(f"bench: {PYTHON} not found; run `bash tests/setup.sh` first")
+    workers = s.workers
+    if workers is not None and not workers_supported():
+        if workers > 1:
+            print(f"bench: `triage serve` has no --workers flag in this checkout; "
+                  f"skipping the --workers {workers} run")
+            return 0
+        workers = None
+    load_core, triage_cores, note = _cores(workers)
+    model = "auto" if s.mode == "routing" else STUDENT
+    body = chat_body(model, stream=s.stream)
+
+    print(f"machine: {machine()}")
+    print(f"triage: {_git_version()}; python {sys.version.split()[0]}")
+    print(f"cores: wrk + nginx on {load_core}, Triage on {triage_cores}"
+          + (f" (workers {workers})" if workers else "") + (f"; note: {note}" if note else ""))
+    print(f"mode: {s.mode} (model {model!r}); {'streaming' if s.stream else 'non-streaming'}; "
+          f"cascade {'on' if s.cascade else 'off'}; classifier "
+          f"{triage_config('http://x', 0, False)['classifier']}")
+    print(f"load: wrk -t1, connections {s.connections}, {s.duration_s} s x {s.repeats} repeats "
+          f"(+{s.warmup_s} s warm-up each side), body {len(body)} bytes", flush=True)
+
+    results: dict[str, Any] = {"machine": machine(), "settings": asdict(s)}
+    with tempfile.TemporaryDirectory(prefix="triage-bench-") as tmp, _sigterm_as_interrupt(), \
+            CannedUpstream(tools["nginx"], Path(tmp) / "nginx", load_core) as nginx:
+        upstream = nginx.sse_url if s.stream else nginx.json_url
+        with Triage(Path(tmp), upstream, triage_cores, workers, s.cascade) as triage:
+            status, headers, reply = probe(triage.url, body)
+            lower = {k.lower(): v for k, v in headers.items()}
+            print(f"probe: {status}; x-triage-model={lower.get('x-triage-model')} "
+                  f"x-triage-reason={lower.get('x-triage-reason')} "
+                  f"x-triage-score={lower.get('x-triage-score', '-')}; {len(reply)} bytes")
+            if status != 200:
+                print(f"bench: Triage answered {status}: {reply[:500]!r}", file=sys.stderr)
+                return 1
+            print(f"Triage pids {triage.pids()}, RSS after start "
+                  f"{peak_rss_kib(triage.pids()) / 1024:.1f} MiB", flush=True)
+            rows = wrk_table(s, tools["wrk"], upstream, triage, body, load_core)
+            kind = "streaming (SSE, whole body at once)" if s.stream else "non-streaming JSON"
+            print_table(rows, f"wrk -t1, {kind}, mode {s.mode}, cascade "
+                              f"{'on' if s.cascade else 'off'}: direct = wrk -> nginx, "
+                              "via = wrk -> Triage -> nginx")
+            results["wrk"] = [asdict(r) for r in rows]
+            if s.stream:
+                os.sched_setaffinity(0, {int(load_core)})
+                d, v = asyncio.run(_stream_latency(
+                    nginx.sse_port, triage.port, body, s.stream_requests,
+                    warmup=min(20, s.stream_requests)))
+                print_stream_latency(d, v)
+                results["stream_latency"] = {"direct": [asdict(t) for t in d],
+                                             "via": [asdict(t) for t in v]}
+    if json_out is not None:
+        json_out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+        print(f"\nraw results: {json_out}")
+    return 0
+
+
+def _connections(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated integers, e.g. 1,8,32") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("connection counts must be positive")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options and run the bench."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--connections", type=_connections, default=[1, 8, 32, 128],
+                   help="comma-separated wrk connection counts (default 1,8,32,128)")
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
+    p.add_argument("--repeats", type=int, default=3, help="direct/via pairs per connection count")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per side and count")
+    p.add_argument("--mode", choices=["routing", "pinned"], default="routing",
+                   help="routing: model auto, classifier scores each request; "
+                        "pinned: model student-small, no scoring")
+    p.add_argument("--stream", action="store_true",
+                   help="stream: SSE upstream, stream=true requests, plus TTFB/TTLB table")
+    p.add_argument("--stream-requests", type=int, default=300,
+                   help="sequential requests each way for the streaming latency table")
+    p.add_argument("--workers", type=int, help="pass --workers N to `triage serve`")
+    p.add_argument("--cascade", action="store_true", help="keep routing.cascade enabled")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of 3 s, 1 s warm-up")
+    p.add_argument("--json", type=Path, help="also write raw results to this file")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.duration, a.repeats, a.warmup = 3, 1, 1
+        a.stream_requests = min(a.stream_requests, 100)
+    s = Settings(
+        connections=a.connections, duration_s=a.duration, repeats=a.repeats, warmup_s=a.warmup,
+        mode=a.mode, stream=a.stream, workers=a.workers, cascade=a.cascade,
+        stream_requests=a.stream_requests,
+    )
+    try:
+        return run(s, a.json)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; nginx and Triage stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
