@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import yaml
+
+Scores = Sequence[float] | npt.NDArray[np.float64]
 
 _MAX_SCORE_LINE = re.compile(r"^(?P<head>\s*(?:-\s+)?max_score:\s*)(?P<value>[^\s#]+)(?P<tail>.*)$")
 
 
-def threshold_for_share(scores: Sequence[float], student_share: float) -> float:
+def threshold_for_share(scores: Scores, student_share: float) -> float:
     """Threshold that puts `student_share` of `scores` at or below it.
 
     Between two neighbouring sorted scores the midpoint is returned, so a slightly
@@ -37,7 +40,7 @@ def threshold_for_share(scores: Sequence[float], student_share: float) -> float:
     return float((s[k - 1] + s[k]) / 2)
 
 
-def student_share(scores: Sequence[float], threshold: float) -> float:
+def student_share(scores: Scores, threshold: float) -> float:
     """The share of scores a threshold sends to students (score <= threshold)."""
     s = np.asarray(scores, dtype=np.float64)
     return float(np.mean(s <= threshold)) if len(s) else float("nan")

@@ -1,0 +1,94 @@
+"""The learned scorer: reload, ordering, exact agreement with scikit-learn, robustness."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+
+from classifiers import features as F
+from classifiers.artifact import save, sigmoid
+from classifiers.dataset import DEV_PATH, read_jsonl
+from classifiers.learned import ArtifactError, LearnedScorer
+from classifiers.registry import load_scorer
+from classifiers.train import Fitted, featurize_all
+
+
+def test_reload_and_ordering(model_path: Path) -> None:
+    scorer = load_scorer("learned", model_path)
+    assert isinstance(scorer, LearnedScorer)
+    proof = scorer.score_text(
+        "Prove that the square root of 2 is irrational. Give a rigorous proof, step by step."
+    )
+    thanks = scorer.score_text("thanks")
+    assert proof > thanks
+    assert scorer.score([{"role": "user", "content": "thanks"}]) == pytest.approx(thanks)
+
+
+def test_hot_path_matches_predict_proba(fitted: Fitted) -> None:
+    scorer = LearnedScorer(fitted.artifact)
+    texts = [r["prompt"] for r in list(read_jsonl(DEV_PATH))[:200]] + ["", "x", "é" * 5000]
+    feats = featurize_all(texts)
+    a = fitted.artifact
+    x = F.feature_matrix(feats, np.asarray(a["idf"], np.float64), a["cue_mean"], a["cue_std"])
+    expected = fitted.estimator.predict_proba(x)[:, 1]
+    got = np.array([sigmoid(scorer.decision(t)) for t in texts])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    calib_a, calib_b = a["calibration"]
+    assert calib_a > 0  # higher log-odds must still mean "needs the teacher" after calibration
+    assert scorer.score_text(texts[0]) == pytest.approx(
+        sigmoid(calib_a * scorer.decision(texts[0]) + calib_b), abs=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "\x00\x01\x02\x1b[31m\r\n\t\x7f",
+        "\ud800 lone surrogate \udfff",
+        "😀👩‍👩‍👧 漢字 العربية ﷽ \u202e reversed \u200b",
+        "a" * 1_000_000,
+        "Prove x^2 >= 0. " * 70_000,
+    ],
+)
+def test_any_input_gives_probability_quickly(model_path: Path, text: str) -> None:
+    scorer = LearnedScorer.load(model_path)
+    start = time.perf_counter()
+    p = scorer.score_text(text)
+    assert time.perf_counter() - start < 0.05
+    assert 0.0 <= p <= 1.0
+
+
+def test_version_mismatch_is_a_clear_error(fitted: Fitted, tmp_path: Path) -> None:
+    path = tmp_path / "old.joblib"
+    save({**fitted.artifact, "format_version": 0}, path)
+    with pytest.raises(ArtifactError, match="format version 0"):
+        LearnedScorer.load(path)
+    joblib.dump({"something": "else"}, path)
+    with pytest.raises(ArtifactError, match="not a triage-complexity artifact"):
+        LearnedScorer.load(path)
+
+
+def test_foreign_sklearn_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression().fit([[0.0], [1.0]], [0, 1])
+    path = tmp_path / "foreign.joblib"
+    with monkeypatch.context() as m:
+        # Pickle as another scikit-learn release would.
+        m.setattr("sklearn.base.__version__", "0.0.1")
+        joblib.dump({"format": "triage-complexity", "estimator": model}, path)
+    with pytest.raises(ArtifactError, match="another scikit-learn"):
+        LearnedScorer.load(path)
+
+
+def test_shipped_artifact_loads() -> None:
+    from classifiers.cli import DEFAULT_MODEL
+
+    scorer = LearnedScorer.load(DEFAULT_MODEL)
+    assert scorer.metadata["rows_by_source"].keys().isdisjoint({"alpaca_eval", "alpaca_seed"})
+    assert scorer.score_text("Write a proof of Fermat's little theorem.") > scorer.score_text("hi")
