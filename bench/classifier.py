@@ -63,7 +63,8 @@ def main() -> None:
         times.append(time.perf_counter_ns() - start)
     times.sort()
     n = len(times)
-    print(f"prompt: {len(PROMPT)} chars, {len(PROMPT.split())} words, ~{len(PROMPT) // 4} tokens at 4 chars/token")
+    print(f"prompt: {len(PROMPT)} chars, {len(PROMPT.split())} words, "
+          f"~{len(PROMPT) // 4} tokens at 4 chars/token")
     print(f"single: p50 {times[n // 2] / 1e3:.1f} us  p99 {times[int(n * 0.99)] / 1e3:.1f} us  "
           f"mean {statistics.fmean(times) / 1e3:.1f} us")
     texts = [r["prompt"] for r in read_jsonl(DEV_PATH)] * 4
