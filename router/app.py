@@ -39,6 +39,24 @@ log = logging.getLogger("triage")
 _READY_CACHE_S = 2.0
 
 
+# OpenAPI declaration of the error envelope, so generated clients and schema
+# fuzzers know what an error response looks like.
+_ERROR: dict[str, Any] = {
+    "description": "OpenAI error envelope",
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }},
+    }}},
+}
+
+
 def _body_schema(model: type[Any]) -> dict[str, Any]:
     return {
         "requestBody": {
@@ -99,6 +117,7 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         openapi_extra=_body_schema(ChatCompletionRequest),
+        responses={"4XX": _ERROR, "5XX": _ERROR},
         summary="Create a chat completion (routed)",
     )
     async def chat_completions(request: Request) -> Response:
@@ -107,12 +126,14 @@ def create_app(
     @app.post(
         "/v1/completions",
         openapi_extra=_body_schema(CompletionRequest),
+        responses={"4XX": _ERROR, "5XX": _ERROR},
         summary="Create a text completion (routed)",
     )
     async def completions(request: Request) -> Response:
         return await handle_completion(request, "completions")
 
-    @app.get("/v1/models", summary="List the routing alias and the configured models")
+    @app.get("/v1/models", summary="List the routing alias and the configured models",
+             responses={401: _ERROR, 500: _ERROR})
     async def list_models(request: Request) -> JSONResponse:
         gw: Gateway = request.app.state.gateway
         gw.auth.authenticate(request.headers.get("authorization"))
@@ -141,7 +162,8 @@ def create_app(
         check_token(gw.auth.metrics_token, request.headers.get("authorization"))
         return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload", summary="Reload config.yaml (when admin.reload_endpoint is on)")
+    @app.post("/admin/reload", summary="Reload config.yaml (when admin.reload_endpoint is on)",
+              responses={400: _ERROR, 401: _ERROR, 404: _ERROR, 500: _ERROR})
     async def admin_reload(request: Request) -> JSONResponse:
         gw: Gateway = request.app.state.gateway
         if not gw.config.admin.reload_endpoint:
