@@ -14,7 +14,7 @@ Invariants (exit 1 when any fails):
 - `triage_fallbacks_total{reason="upstream_error"}` and
   `triage_upstream_errors_total` equal the faults the student injected.
 
-    .venv/bin/python -m bench.load --requests 50000 --concurrency 96
+    .venv/bin/python bench/load.py --requests 50000 --concurrency 96
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "FakeModel",
+    "Driver",
     "LoadReport",
+    "Tally",
     "fault_kind",
+    "free_port",
     "gateway_config",
     "main",
     "run_load",
@@ -193,7 +196,7 @@ def gateway_config(student_url: str, teacher_url: str, port: int) -> dict[str, A
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -248,7 +251,7 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @dataclass
-class _Tally:
+class Tally:
     """What the client saw, per request index."""
 
     ok: dict[int, int] = field(default_factory=dict)  # index -> 200s whose content matched
@@ -280,7 +283,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 
 
 async def _worker(
-    host: str, port: int, next_index: Callable[[], int | None], tally: _Tally,
+    host: str, port: int, next_index: Callable[[], int | None], tally: Tally,
     fault_every: int, reset_every: int, timeout_s: float,
 ) -> None:
     reader: asyncio.StreamReader | None = None
@@ -485,7 +488,7 @@ class Driver:
             await server.wait_closed()
 
     async def drive(self, url: str, first: int, count: int, concurrency: int,
-                    timeout_s: float = 60.0) -> tuple[_Tally, float]:
+                    timeout_s: float = 60.0, tally: Tally | None = None) -> tuple[Tally, float]:
         """Send requests `first`..`first+count-1` with `concurrency` connections; (tally, seconds)."""
         host, port = url.removeprefix("http://").split(":")
         indices = iter(range(first, first + count))
@@ -493,7 +496,7 @@ class Driver:
         def next_index() -> int | None:
             return next(indices, None)
 
-        tally = _Tally()
+        tally = tally if tally is not None else Tally()
         started = time.perf_counter()
         await asyncio.gather(*(
             _worker(host, int(port), next_index, tally, self.student.fault_every,
@@ -502,7 +505,7 @@ class Driver:
         ))
         return tally, time.perf_counter() - started
 
-    def report(self, url: str, tally: _Tally, duration_s: float, requests: int, concurrency: int,
+    def report(self, url: str, tally: Tally, duration_s: float, requests: int, concurrency: int,
                cpu: tuple[float, float] = (0.0, 0.0), first: int = 0) -> LoadReport:
         """Combine the client's tally, the fakes' counts and the gateway's /metrics."""
         samples = scrape(url)
@@ -547,16 +550,21 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_load(requests: int, concurrency: int = 96, fault_every: int = 10, reset_every: int = 4,
-             log: Path | None = None) -> LoadReport:
-    """Start fakes and `triage serve`, send `requests`, and report (the gateway is always stopped)."""
+             log: Path | None = None, deadline_s: float | None = None) -> LoadReport:
+    """Start fakes and `triage serve`, send `requests`, and report (the gateway is always stopped).
+
+    `deadline_s` bounds the whole client phase (TimeoutError past it).
+    """
     loop = new_loop()
     driver = Driver(fault_every, reset_every)
     try:
         loop.run_until_complete(driver.start())
-        config = gateway_config(driver.urls["student-small"], driver.urls["teacher"], _free_port())
+        config = gateway_config(driver.urls["student-small"], driver.urls["teacher"], free_port())
         with triage_serve(config, log) as (url, pid):
             cpu0 = process_cpu_s(pid), time.process_time()
-            tally, duration = loop.run_until_complete(driver.drive(url, 0, requests, concurrency))
+            tally, duration = loop.run_until_complete(
+                asyncio.wait_for(driver.drive(url, 0, requests, concurrency), deadline_s)
+            )
             cpu = process_cpu_s(pid) - cpu0[0], time.process_time() - cpu0[1]
             return driver.report(url, tally, duration, requests, concurrency, cpu)
     finally:
