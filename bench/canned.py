@@ -26,6 +26,7 @@ __all__ = [
     "chat_body",
     "cpu_ticks",
     "descendants",
+    "busy_processes",
     "ensure_tools",
     "free_port",
     "machine",
@@ -193,6 +194,32 @@ def machine() -> str:
         pass
     usable = len(os.sched_getaffinity(0))
     return f"{model}; {os.cpu_count()} logical cores ({usable} usable); Linux {os.uname().release}"
+
+
+def busy_processes(window_s: float = 1.0, threshold: float = 0.1) -> list[str]:
+    """Other processes using more than `threshold` of a core over `window_s` (noise check)."""
+
+    def snapshot() -> dict[int, tuple[float, str]]:
+        out = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                comm = stat[stat.index("(") + 1:stat.rindex(")")]
+                fields = stat.rsplit(")", 1)[1].split()
+                out[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / CLK_TCK, comm)
+        return out
+
+    before = snapshot()
+    time.sleep(window_s)
+    after = snapshot()
+    busy = []
+    for pid, (cpu, comm) in after.items():
+        if pid in before and (cpu - before[pid][0]) / window_s > threshold:
+            busy.append(f"{comm}[{pid}] {100 * (cpu - before[pid][0]) / window_s:.0f}%")
+    return busy
 
 
 def descendants(pid: int) -> list[int]:

@@ -39,6 +39,7 @@ from canned import (
     BENCH_DIR,
     REPO,
     CannedUpstream,
+    busy_processes,
     chat_body,
     cpu_ticks,
     descendants,
@@ -435,6 +436,9 @@ def run(s: Settings, json_out: Path | None) -> int:
 
     print(f"machine: {machine()}")
     print(f"triage: {_git_version()}; python {sys.version.split()[0]}")
+    busy = busy_processes()
+    print(f"other busy processes (>10% of a core): {', '.join(busy) if busy else 'none'}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"cores: wrk + nginx on {load_core}, Triage on {triage_cores}"
           + (f" (workers {workers})" if workers else "") + (f"; note: {note}" if note else ""))
     print(f"mode: {s.mode} (model {model!r}); {'streaming' if s.stream else 'non-streaming'}; "
