@@ -86,7 +86,8 @@ def make_gateway() -> GatewayFactory:
     def start(raw: dict[str, Any]) -> Iterator[Gateway]:
         config = Config.model_validate(raw)
         registry = CollectorRegistry()
-        app = create_app(config, scorer=HeuristicScorer(), registry=registry)
+        scorer = HeuristicScorer() if config.classifier.kind == "heuristic" else None
+        app = create_app(config, scorer=scorer, registry=registry)
         with serve(app) as url:
             yield Gateway(url, config, registry)
 

@@ -7,8 +7,10 @@ from typing import Any
 
 import openai
 import pytest
+import yaml
 
 from tests.conftest import Gateway, GatewayFactory
+from tests.deploy.conftest import REPO_ROOT as REPO
 from tests.deploy.conftest import LocalModels
 
 pytestmark = pytest.mark.local_models
@@ -23,17 +25,15 @@ HARD = (
 
 @pytest.fixture(scope="module")
 def local_config(local_models: LocalModels) -> dict[str, Any]:
-    return {
-        "models": [
-            {"name": "student-small", "role": "student", "endpoints": [local_models.student_url],
-             "upstream_model": local_models.student_model, "max_score": 0.35,
-             "context_window": 4096, "price": {"input_per_mtok": 0.02, "output_per_mtok": 0.04}},
-            {"name": "teacher", "role": "teacher", "endpoints": [local_models.teacher_url],
-             "upstream_model": local_models.teacher_model, "read_timeout_s": 60,
-             "price": {"input_per_mtok": 0.55, "output_per_mtok": 2.19}},
-        ],
-        "classifier": {"kind": "heuristic"},
-    }
+    """The shipped config.yaml (learned classifier, calibrated threshold), on the test's ports."""
+    raw: dict[str, Any] = yaml.safe_load((REPO / "config.yaml").read_text())
+    student, teacher = raw["models"]
+    student["endpoints"] = [local_models.student_url]
+    teacher["endpoints"] = [local_models.teacher_url]
+    assert student["upstream_model"] == local_models.student_model
+    assert teacher["upstream_model"] == local_models.teacher_model
+    raw["classifier"]["path"] = str(REPO / raw["classifier"]["path"])
+    return raw
 
 
 @pytest.fixture
