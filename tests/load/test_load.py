@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 # bench/ is a folder of scripts, not a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))
 
 from load import fault_kind, run_load  # noqa: E402
 
