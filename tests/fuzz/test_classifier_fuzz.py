@@ -27,7 +27,7 @@ MB = 1_000_000
 
 ROLES = st.one_of(
     st.sampled_from(["system", "developer", "user", "assistant", "tool", "function"]),
-    st.text(max_size=10), st.none(), st.integers(),
+    st.text(max_size=10), st.none(), st.integers(-(2**63), 2**63 - 1),
 )
 TEXT = st.one_of(
     st.text(),  # any Unicode scalar value (hypothesis leaves out surrogates by default)
