@@ -57,13 +57,34 @@ _ERROR: dict[str, Any] = {
 }
 
 
+_REF = "#/components/schemas/{model}"
+
+
 def _body_schema(model: type[Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template=_REF)
+    schema.pop("$defs", None)  # moved to components/schemas by _with_components
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "content": {"application/json": {"schema": schema}},
         }
     }
+
+
+def _with_components(app: FastAPI, models: tuple[type[Any], ...]) -> None:
+    """Put the request models' nested definitions where their `$ref`s point."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                components.update(model.model_json_schema(ref_template=_REF).get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(
@@ -202,6 +223,7 @@ def create_app(
             media_type="application/json",
         )
 
+    _with_components(app, (ChatCompletionRequest, CompletionRequest))
     return app
 
 

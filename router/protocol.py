@@ -7,9 +7,9 @@ https://platform.openai.com/docs/api-reference/completions/create
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 __all__ = [
     "ChatCompletionRequest",
@@ -23,10 +23,35 @@ __all__ = [
 MAX_N = 16
 
 
-class OpenAIBaseModel(BaseModel):
-    """Unknown fields are kept and forwarded upstream (sampling extras, newer params)."""
+# Token counts past this are not a real request (and would overflow upstream integer types).
+MAX_TOKENS = 10_000_000
 
-    model_config = ConfigDict(extra="allow")
+
+def _whole_number(value: Any) -> Any:
+    # JSON has one number type: 16.0 is a valid integer in JSON Schema, "16" is not.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+TokenCount = Annotated[
+    int, BeforeValidator(_whole_number), Field(ge=1, le=MAX_TOKENS),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_TOKENS}),
+]
+ChoiceCount = Annotated[
+    int, BeforeValidator(_whole_number), Field(ge=1, le=MAX_N),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_N}),
+]
+
+
+class OpenAIBaseModel(BaseModel):
+    """Unknown fields are kept and forwarded upstream (sampling extras, newer params).
+
+    Strict: the body is forwarded as sent, so a value pydantic would coerce
+    (`"12"` for 12, `"yes"` for true) must be rejected rather than passed on.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -43,8 +68,8 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class _SamplingLimits(OpenAIBaseModel):
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: TokenCount | None = None
+    n: ChoiceCount | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -54,11 +79,11 @@ class ChatCompletionRequest(_SamplingLimits):
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: TokenCount | None = None
 
 
 class CompletionRequest(_SamplingLimits):
     """POST /v1/completions body."""
 
     model: str = Field(min_length=1)
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]

@@ -51,6 +51,7 @@ _MODELS: dict[Endpoint, type[BaseModel]] = {
     "completions": CompletionRequest,
 }
 _REQUEST_ID_MAX = 128
+_WHOLE_NUMBERS = ("max_tokens", "max_completion_tokens", "n")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -85,9 +86,13 @@ def _parse(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        _MODELS[endpoint].model_validate(payload)
+        request = _MODELS[endpoint].model_validate(payload)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    for key in _WHOLE_NUMBERS:
+        # 16.0 is accepted as 16; forward and count with the integer.
+        if isinstance(payload.get(key), float):
+            payload[key] = getattr(request, key)
     return payload
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx2 as httpx
 import orjson
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from classifiers import Scorer, load_scorer
@@ -186,25 +186,7 @@ HOSTILE: dict[str, tuple[bytes, set[int]]] = {
 }
 
 
-# Bugs reported to router/: pydantic validates in lax mode ("12" passes as an int,
-# "yes" as a bool) but the proxy then reads the raw payload, so the coerced value
-# is never used. strict xfail: these flip to failures once router/ is fixed.
-KNOWN_BUGS = {
-    "max_tokens_a_string": "proxy adds the raw max_tokens string to an int: TypeError, HTTP 500",
-    "stream_not_a_bool": "'stream': 'yes' validates, is treated as non-streaming but forwarded as "
-                         "is; the upstream streams and the gateway answers 502 'malformed answer'",
-}
-
-
-def _known_bug(messages: list[Any], extra: dict[str, Any]) -> bool:
-    coerced_int = any(isinstance(extra.get(k), str) for k in ("max_tokens", "max_completion_tokens"))
-    return coerced_int or extra.get("stream") not in (None, True, False)
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_BUGS[name])) if name in KNOWN_BUGS else name
-    for name in sorted(HOSTILE)
-])
+@pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_chat_body_gets_a_client_error_or_an_answer(gw: Gateway, name: str) -> None:
     body, expected = HOSTILE[name]
     resp = _post(gw, body)
@@ -229,7 +211,6 @@ def test_body_over_the_limit_is_413(gw: Gateway) -> None:
     st.sampled_from(["n", "max_tokens", "max_completion_tokens", "stream", "stream_options", "model",
                      "temperature", "logprobs", "tools"]), JSON, max_size=3))
 def test_any_json_conversation_never_5xx(gw: Gateway, messages: list[Any], extra: dict[str, Any]) -> None:
-    assume(not _known_bug(messages, extra))
     body = orjson.dumps({"model": "auto", "messages": messages, **extra})
     resp = _post(gw, body)
     assert resp.status_code < 500, (body[:300], resp.status_code, resp.text[:300])
