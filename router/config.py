@@ -133,8 +133,8 @@ class ModelConfig(_Strict):
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     connect_timeout_s: float = Field(2.0, gt=0)
     read_timeout_s: float = Field(120.0, gt=0)
-    max_connections: int = Field(200, gt=0)
-    max_keepalive_connections: int = Field(50, ge=0)
+    max_connections: int = Field(200, gt=0, description="Pooled connections to this model.")
+    keepalive_timeout_s: float = Field(30.0, gt=0, description="Idle time before a pooled connection closes.")
     checks: QualityChecks = QualityChecks()
     serve: ServeConfig | None = None
 

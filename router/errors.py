@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import httpx2 as httpx
+import aiohttp
 import orjson
 
 __all__ = [
@@ -136,13 +136,13 @@ class UpstreamStatus(UpstreamError):
 
 @contextmanager
 def map_upstream_errors(model: str) -> Iterator[None]:
-    """Translate httpx transport exceptions into gateway errors, most specific first.
+    """Translate client transport exceptions into gateway errors, most specific first.
 
     Messages name the configured model, never the endpoint URL or a key.
     """
     try:
         yield
-    except httpx.TimeoutException:
+    except TimeoutError:  # aiohttp's ServerTimeoutError and ConnectionTimeoutError are ones too
         raise UpstreamTimeout(f"model {model!r} did not answer in time") from None
-    except (httpx.TransportError, httpx.DecodingError, httpx.StreamError):
+    except (aiohttp.ClientError, OSError):
         raise UpstreamUnavailable(f"model {model!r} is unreachable") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import httpx2 as httpx
+import aiohttp
 
 from router.breaker import Breaker, State
 from router.config import ModelConfig, resolve_api_key
@@ -47,10 +47,10 @@ class SSEStream:
     client receives exactly what the upstream sent.
     """
 
-    def __init__(self, response: httpx.Response, model: str) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, model: str) -> None:
         self.response = response
         self.model = model
-        self._raw = response.aiter_raw()
+        self._content = response.content
         self._buffer = b""
         self.done = False  # saw `data: [DONE]`
 
@@ -64,9 +64,8 @@ class SSEStream:
                     self.done = True
                 return event + b"\n\n"
             with map_upstream_errors(self.model):
-                try:
-                    chunk = await self._raw.__anext__()
-                except StopAsyncIteration:
+                chunk = await self._content.readany()
+                if not chunk:
                     tail, self._buffer = self._buffer.strip(), b""
                     if tail:
                         if tail.startswith((b"data: [DONE]", b"data:[DONE]")):
@@ -90,8 +89,11 @@ class SSEStream:
             yield event
 
     async def aclose(self) -> None:
-        """Release the connection back to the pool (or drop it if unread)."""
-        await self.response.aclose()
+        """Release the connection back to the pool, or drop it when the body was not read to the end."""
+        if self.done or self._content.at_eof():
+            self.response.release()
+        else:
+            self.response.close()
 
 
 class ModelPool:
@@ -116,22 +118,30 @@ class ModelPool:
         key = resolve_api_key(model)
         if key:
             headers["authorization"] = f"Bearer {key}"
-        self.client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=model.connect_timeout_s,
-                read=model.read_timeout_s,
-                write=model.read_timeout_s,
-                pool=model.connect_timeout_s,
-            ),
-            limits=httpx.Limits(
-                max_connections=model.max_connections,
-                max_keepalive_connections=model.max_keepalive_connections,
-            ),
-            # Never read proxy settings or netrc from the environment: upstream
-            # traffic goes exactly where config says.
-            trust_env=False,
+        self._headers = headers
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=model.connect_timeout_s, sock_read=model.read_timeout_s
         )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled client, created on first use inside the running event loop."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(
+                    limit=self.model.max_connections,
+                    keepalive_timeout=self.model.keepalive_timeout_s,
+                ),
+                # Never read proxy settings or netrc from the environment: upstream
+                # traffic goes exactly where config says.
+                trust_env=False,
+                # Bodies are forwarded as received; Triage never needs a cookie jar.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
 
     def pick(self, tried: set[int]) -> int | None:
         """Claim the next endpoint to try, or None when every untried one is open."""
@@ -159,34 +169,31 @@ class ModelPool:
         """Give back a claim that ended without a verdict."""
         self.endpoints[idx].breaker.release()
 
-    def _request(self, idx: int, path: str, body: bytes, request_id: str) -> httpx.Request:
-        return self.client.build_request(
-            "POST", self.endpoints[idx].base_url + path, content=body,
-            headers={"x-request-id": request_id},
-        )
-
     async def post(self, idx: int, path: str, body: bytes, request_id: str) -> UpstreamReply:
         """POST and read the whole answer; raise a gateway error on transport or status failure."""
+        url = self.endpoints[idx].base_url + path
         with map_upstream_errors(self.name):
-            resp = await self.client.send(self._request(idx, path, body, request_id))
-        if resp.status_code >= 400:
-            raise UpstreamStatus(resp.status_code, resp.content, resp.headers.get("retry-after"))
-        return UpstreamReply(resp.status_code, resp.content, _pass_headers(resp))
+            async with self.session.post(url, data=body, headers={"x-request-id": request_id}) as resp:
+                content = await resp.read()
+        if resp.status >= 400:
+            raise UpstreamStatus(resp.status, content, resp.headers.get("retry-after"))
+        return UpstreamReply(resp.status, content, _pass_headers(resp))
 
     async def open_stream(self, idx: int, path: str, body: bytes, request_id: str) -> SSEStream:
         """POST a streaming request and return its event stream once the status is 2xx."""
+        url = self.endpoints[idx].base_url + path
         with map_upstream_errors(self.name):
-            resp = await self.client.send(self._request(idx, path, body, request_id), stream=True)
-        if resp.status_code >= 400:
+            resp = await self.session.post(url, data=body, headers={"x-request-id": request_id})
+        if resp.status >= 400:
             try:
                 with map_upstream_errors(self.name):
-                    content = await resp.aread()
+                    content = await resp.read()
             finally:
-                await resp.aclose()
-            raise UpstreamStatus(resp.status_code, content, resp.headers.get("retry-after"))
+                resp.release()
+            raise UpstreamStatus(resp.status, content, resp.headers.get("retry-after"))
         ctype = resp.headers.get("content-type", "")
         if "text/event-stream" not in ctype:
-            await resp.aclose()
+            resp.close()
             raise UpstreamUnavailable(
                 f"model {self.name!r} answered a stream with {ctype or 'no content type'}"
             )
@@ -194,22 +201,24 @@ class ModelPool:
 
     async def probe(self, timeout_s: float = 2.0) -> bool:
         """True when any endpoint answers HTTP at all (readiness: the server is up)."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
         for ep in self.endpoints:
             try:
-                await self.client.get(ep.base_url + "/models", timeout=timeout_s)
-                return True
-            except httpx.HTTPError:
+                async with self.session.get(ep.base_url + "/models", timeout=timeout):
+                    return True
+            except (aiohttp.ClientError, TimeoutError):
                 continue
         return False
 
     async def aclose(self) -> None:
         """Close the pooled client."""
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 def _bind(on_change: Callable[[int, State], None], idx: int) -> Callable[[State], None]:
     return lambda state: on_change(idx, state)
 
 
-def _pass_headers(resp: httpx.Response) -> dict[str, str]:
+def _pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
     return {h: v for h in PASS_HEADERS if (v := resp.headers.get(h)) is not None}
