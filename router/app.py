@@ -17,12 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from classifiers import Scorer, load_scorer
 from router import __version__
 from router.auth import check_token
 from router.config import Config, config_hash, load_config
 from router.errors import GatewayError, error_body
+from router.exchange import Endpoint
 from router.gateway import Gateway
 from router.metrics import Metrics, exposition
 from router.protocol import ChatCompletionRequest, CompletionRequest
@@ -87,6 +89,37 @@ def _with_components(app: FastAPI, models: tuple[type[Any], ...]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+_FAST_PATHS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+class TriageApp(FastAPI):
+    """FastAPI, with the two completion endpoints served without the middleware stack.
+
+    They are the hot path, and handle_completion already turns every expected failure
+    into an OpenAI error, so the generic layers (routing, dependency solving, exception
+    middleware) only cost time there: about a fifth of the gateway's CPU per request.
+    Everything else, and the OpenAPI description of these two, stays with FastAPI.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = _FAST_PATHS.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                try:
+                    response = await handle_completion(Request(scope, receive), endpoint)
+                except Exception:
+                    # Nothing has been sent yet: answer with the OpenAI envelope, not a bare 500.
+                    log.exception("unhandled error on %s", scope["path"])
+                    response = Response(
+                        error_body("The gateway hit an internal error.", "internal_error"), 500,
+                        media_type="application/json",
+                    )
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     config: Config,
     *,
@@ -126,7 +159,7 @@ def create_app(
             await reloader.aclose()
             await app.state.gateway.aclose()
 
-    app = FastAPI(
+    app = TriageApp(
         title="Triage",
         version=__version__,
         description="OpenAI-compatible gateway that routes requests to distilled students or the teacher.",
