@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,6 +39,30 @@ UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated")
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Family(Generic[M]):
+    """A labelled metric whose children are looked up once and then reused.
+
+    prometheus-client's `labels()` validates and locks on every call; the hot
+    path calls it a dozen times per request with label values from config.
+    """
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        """The child for these label values (created on first use)."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 def exposition(registry: CollectorRegistry) -> bytes:
     """The text for /metrics: this registry, or every worker's values in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -52,44 +77,44 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Counter(
+        self.requests = Family(Counter(
             "triage_requests", "Requests answered, by serving model, route reason and status class.",
             ["model", "reason", "status_class"], registry=registry,
-        )
-        self.routing_decisions = Counter(
+        ))
+        self.routing_decisions = Family(Counter(
             "triage_routing_decisions", "Initial routing decisions by chosen model and reason.",
             ["model", "reason"], registry=registry,
-        )
-        self.prompt_tokens = Counter(
+        ))
+        self.prompt_tokens = Family(Counter(
             "triage_prompt_tokens", "Prompt tokens by model; estimated=true when upstream gave no usage.",
             ["model", "estimated"], registry=registry,
-        )
-        self.completion_tokens = Counter(
+        ))
+        self.completion_tokens = Family(Counter(
             "triage_completion_tokens",
             "Completion tokens by model; estimated=true when upstream gave no usage.",
             ["model", "estimated"], registry=registry,
-        )
-        self.usage_missing = Counter(
+        ))
+        self.usage_missing = Family(Counter(
             "triage_usage_missing", "Upstream answers that carried no usage (tokens estimated).",
             ["model"], registry=registry,
-        )
-        self.cost = Counter(
+        ))
+        self.cost = Family(Counter(
             "triage_cost_usd", "Spend in USD by model, every attempt included.",
             ["model"], registry=registry,
-        )
-        self.teacher_cost = Counter(
+        ))
+        self.teacher_cost = Family(Counter(
             "triage_teacher_equivalent_cost_usd",
             "What the served answers would have cost at the teacher's prices, by serving model.",
             ["model"], registry=registry,
-        )
-        self.fallbacks = Counter(
+        ))
+        self.fallbacks = Family(Counter(
             "triage_fallbacks", "Requests moved from one model to the teacher, by reason.",
             ["model", "reason"], registry=registry,
-        )
-        self.upstream_errors = Counter(
+        ))
+        self.upstream_errors = Family(Counter(
             "triage_upstream_errors", "Failed upstream attempts by model and error type.",
             ["model", "type"], registry=registry,
-        )
+        ))
         self.score = Histogram(
             "triage_classifier_score", "Complexity scores of routed requests.",
             buckets=SCORE_BUCKETS, registry=registry,
@@ -98,26 +123,26 @@ class Metrics:
             "triage_classifier_duration_seconds", "Time to score one request.",
             buckets=CLASSIFIER_BUCKETS, registry=registry,
         )
-        self.request_duration = Histogram(
+        self.request_duration = Family(Histogram(
             "triage_request_duration_seconds", "Total request time by serving model.",
             ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.ttft = Histogram(
+        ))
+        self.ttft = Family(Histogram(
             "triage_time_to_first_token_seconds", "Time to the first streamed event, by model.",
             ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.upstream_duration = Histogram(
+        ))
+        self.upstream_duration = Family(Histogram(
             "triage_upstream_duration_seconds", "Time spent waiting on upstreams, by model.",
             ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
+        ))
         self.overhead = Histogram(
             "triage_overhead_seconds", "Gateway time per request: total minus upstream time.",
             buckets=OVERHEAD_BUCKETS, registry=registry,
         )
-        self.inflight = Gauge(
+        self.inflight = Family(Gauge(
             "triage_inflight_requests", "Requests in flight by model.", ["model"], registry=registry,
             multiprocess_mode="livesum",
-        )
+        ))
         self.student_share = Gauge(
             "triage_student_share",
             "Share of classifier-routed requests sent to students over the recent window.",
@@ -128,62 +153,62 @@ class Metrics:
             "Configured target share of classifier-routed requests for students (NaN when unset).",
             registry=registry, multiprocess_mode="max",
         )
-        self.score_threshold = Gauge(
+        self.score_threshold = Family(Gauge(
             "triage_score_threshold", "Effective max_score of each student right now.",
             ["model"], registry=registry, multiprocess_mode="livemostrecent",
-        )
-        self.shadow_agreement = Histogram(
+        ))
+        self.shadow_agreement = Family(Histogram(
             "triage_shadow_agreement", "Agreement in [0, 1] of a student's answer with the teacher's.",
             ["model"], buckets=SCORE_BUCKETS, registry=registry,
-        )
-        self.shadow_cost = Counter(
+        ))
+        self.shadow_cost = Family(Counter(
             "triage_shadow_cost_usd", "Spend on shadow teacher calls, by the student shadowed.",
             ["model"], registry=registry,
-        )
-        self.shadow_requests = Counter(
+        ))
+        self.shadow_requests = Family(Counter(
             "triage_shadow_requests", "Shadow comparisons by student and outcome.",
             ["model", "outcome"], registry=registry,
-        )
-        self.circuit_state = Gauge(
+        ))
+        self.circuit_state = Family(Gauge(
             "triage_circuit_state", "Endpoint circuit: 0 closed, 1 half-open, 2 open.",
             ["model", "endpoint"], registry=registry, multiprocess_mode="livemax",
-        )
-        self.circuit_transitions = Counter(
+        ))
+        self.circuit_transitions = Family(Counter(
             "triage_circuit_transitions", "Circuit breaker transitions by the state entered.",
             ["model", "endpoint", "state"], registry=registry,
-        )
+        ))
         self.retry_budget_exhausted = Counter(
             "triage_retry_budget_exhausted",
             "Retries or fallbacks refused because the retry budget was spent.",
             registry=registry,
         )
-        self.deadline_exceeded = Counter(
+        self.deadline_exceeded = Family(Counter(
             "triage_deadline_exceeded", "Requests ended by the overall request deadline.",
             ["model"], registry=registry,
-        )
-        self.model_info = Gauge(
+        ))
+        self.model_info = Family(Gauge(
             "triage_model_info", "Always 1; the role of each configured model.",
             ["model", "role"], registry=registry, multiprocess_mode="max",
-        )
-        self.rejected = Counter(
+        ))
+        self.rejected = Family(Counter(
             "triage_rejected_requests",
             "Requests refused before routing (bad body, unknown model, too large, auth, limits).",
             ["code"], registry=registry,
-        )
-        self.rate_limited = Counter(
+        ))
+        self.rate_limited = Family(Counter(
             "triage_rate_limited", "Requests refused by a per-key limit, by key name and limit.",
             ["key", "limit"], registry=registry,
-        )
-        self.key_cost = Counter(
+        ))
+        self.key_cost = Family(Counter(
             "triage_key_cost_usd", "Spend in USD by client key name.", ["key"], registry=registry,
-        )
-        self.reloads = Counter(
+        ))
+        self.reloads = Family(Counter(
             "triage_config_reloads", "Config reloads by result.", ["result"], registry=registry,
-        )
-        self.build_info = Gauge(
+        ))
+        self.build_info = Family(Gauge(
             "triage_build_info", "Always 1; labels carry the version and config hash.",
             ["version", "config_hash"], registry=registry, multiprocess_mode="max",
-        )
+        ))
 
     def precreate(self, models: Iterable[str], reasons: Iterable[str]) -> None:
         """Create the known label sets so every series exists from the first scrape."""

@@ -145,7 +145,7 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
             try:
                 key.admit()
             except RateLimited as exc:
-                gw.metrics.rate_limited.labels(key.name, exc.code or "").inc()
+                gw.metrics.rate_limited.labels(key.name, str(exc.code)).inc()
                 raise
         body = await _read_body(request, config.server.max_body_bytes)
         payload = _parse(body, endpoint)
