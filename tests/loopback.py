@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
+import httpx2 as httpx
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -51,3 +57,50 @@ def closed_port_url() -> str:
     port = sock.getsockname()[1]
     sock.close()
     return f"http://127.0.0.1:{port}"
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for servers that cannot bind port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def triage_process(config: Path, *args: str, start_timeout_s: float = 60) -> Iterator[ServeProcess]:
+    """Run `triage serve` as a real process on a free port; stop it with SIGTERM at the end."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "serve", "--config", str(config), "--port", str(port),
+         "--log-level", "warning", *args],
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("triage serve did not start")
+            time.sleep(0.05)
+        yield ServeProcess(proc, url)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class ServeProcess:
+    """A running `triage serve`: the process and its base URL."""
+
+    proc: subprocess.Popen[bytes]
+    url: str

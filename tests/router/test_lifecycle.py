@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,14 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import GatewayFactory, Upstreams, base_config
-
-
-def free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
+from tests.loopback import triage_process
 
 
 @pytest.fixture
@@ -37,27 +28,8 @@ def serve_process(
     raw = base_config(upstreams.urls)
     raw["admin"] = {"reload_endpoint": True}
     cfg.write_text(yaml.safe_dump(raw))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router", "serve", "--config", str(cfg), "--port", str(port),
-         "--log-level", "warning", "--drain-timeout-s", "10"],
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "triage serve did not start"
-        time.sleep(0.05)
-    try:
-        yield proc, url, cfg
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with triage_process(cfg, "--drain-timeout-s", "10") as served:
+        yield served.proc, served.url, cfg
 
 
 def read_stream(url: str, out: dict[str, Any]) -> None:

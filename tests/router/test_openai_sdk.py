@@ -2,53 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2 as httpx
 import openai
 import pytest
 import yaml
 
 from tests.conftest import Upstreams, base_config
+from tests.loopback import triage_process
 
 
 @pytest.fixture
 def triage_serve(upstreams: Upstreams, tmp_path: Path) -> Iterator[str]:
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(base_config(upstreams.urls)))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router", "serve", "--config", str(cfg), "--port", str(port),
-         "--log-level", "warning"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("triage serve did not start")
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
+    with triage_process(cfg) as served:
+        yield served.url
+        served.proc.terminate()
         # uvicorn shuts down gracefully, then re-raises SIGTERM so supervisors see it.
-        assert proc.wait(10) in (0, -signal.SIGTERM)
+        assert served.proc.wait(10) in (0, -signal.SIGTERM)
 
 
 def test_openai_sdk_unchanged(triage_serve: str) -> None:

@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx2 as httpx
 import yaml
 
 from tests.conftest import Upstreams, base_config
-from tests.router.test_lifecycle import free_port
+from tests.loopback import triage_process
 
 
 def test_two_workers_share_metrics(upstreams: Upstreams, tmp_path: Path) -> None:
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(base_config(upstreams.urls)))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router", "serve", "--config", str(cfg), "--port", str(port),
-         "--workers", "2", "--log-level", "warning"],
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+    with triage_process(cfg, "--workers", "2") as served:
+        url = served.url
         body = {"model": "auto", "messages": [{"role": "user", "content": "thanks"}]}
         for _ in range(40):
             # A new connection each time, so the kernel spreads them over both workers.
@@ -50,6 +32,3 @@ def test_two_workers_share_metrics(upstreams: Upstreams, tmp_path: Path) -> None
             totals.append(float(found.group(1)))
         assert totals == [40.0] * 4
         assert len(set(re.findall(r'^triage_build_info\{.*\} (\S+)$', text, re.M))) == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
