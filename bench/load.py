@@ -178,9 +178,9 @@ def gateway_config(student_url: str, teacher_url: str, port: int) -> dict[str, A
         "models": [
             {"name": "student-small", "role": "student", "endpoints": [student_url + "/v1"],
              "upstream_model": "up-small", "max_score": 0.9,
-             "max_connections": 512, "max_keepalive_connections": 512},
+             "max_connections": 512},
             {"name": "teacher", "role": "teacher", "endpoints": [teacher_url + "/v1"],
-             "upstream_model": "up-teacher", "max_connections": 512, "max_keepalive_connections": 512},
+             "upstream_model": "up-teacher", "max_connections": 512},
         ],
         "classifier": {"kind": "heuristic"},
         "routing": {
