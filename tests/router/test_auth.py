@@ -103,3 +103,28 @@ def test_tokens_per_minute_and_budget(
         assert spent.status_code == 429
         assert spent.json()["error"]["code"] == "budget_exceeded"
         assert "retry-after" not in spent.headers
+
+
+def test_upstream_key_is_sent_upstream_and_nowhere_else(
+    upstreams: Upstreams, make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("TRIAGE_TEST_UPSTREAM_KEY", "sk-upstream-secret")
+    raw = base_config(upstreams.urls)
+    raw["models"][2]["api_key_env"] = "TRIAGE_TEST_UPSTREAM_KEY"
+    with make_gateway(raw) as gw:
+        resp = post(gw.url, "client-key", model="teacher")
+        assert resp.status_code == 200
+        # The configured key goes upstream in place of the client's.
+        assert upstreams.teacher.headers[-1]["authorization"] == "Bearer sk-upstream-secret"
+        # The upstream rejects the key: its error is passed through, the key is not echoed.
+        upstreams.teacher.mode = "status"
+        upstreams.teacher.status = 401
+        denied = post(gw.url, None, model="teacher")
+        assert denied.status_code == 401
+        seen = [
+            denied.text, str(denied.headers), resp.text, str(resp.headers),
+            httpx.get(gw.url + "/v1/models").text, httpx.get(gw.url + "/metrics").text,
+            httpx.get(gw.url + "/openapi.json").text, caplog.text,
+        ]
+        assert not any("sk-upstream-secret" in text for text in seen)

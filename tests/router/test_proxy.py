@@ -231,3 +231,14 @@ def test_models_health_ready(gateway: Gateway) -> None:
     missing = httpx.get(gateway.url + "/v2/nothing")
     assert missing.status_code == 404
     assert missing.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_client_headers_are_not_forwarded(gateway: Gateway, upstreams: Upstreams) -> None:
+    chat(gateway, EASY, headers={
+        "proxy-authorization": "Basic eDp5", "te": "trailers", "upgrade": "h2c",
+        "x-forwarded-for": "10.1.2.3", "cookie": "session=abc", "x-request-id": "req-123",
+    })
+    sent = upstreams.small.headers[-1]
+    for name in ("proxy-authorization", "te", "upgrade", "x-forwarded-for", "cookie"):
+        assert name not in sent
+    assert sent["x-request-id"] == "req-123"  # the one header that is passed on, for tracing
