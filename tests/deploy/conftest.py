@@ -8,13 +8,14 @@ come from ``deploy/local/common.sh`` (the one place that defines them).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.loopback import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_DIR = REPO_ROOT / "deploy" / "local"
@@ -48,15 +49,6 @@ def local_settings() -> dict[str, str]:
     return dict(zip(_COMMON_VARS, out.splitlines(), strict=True))
 
 
-def _free_port() -> int:
-    # llama-server cannot bind port 0 and report it, so reserve-and-release a free port.
-    # A race with another process is possible but rare on loopback.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _models_sh(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(LOCAL_DIR / "models.sh"), command],
@@ -82,9 +74,9 @@ def local_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMode
             + ", ".join(missing)
             + "); run `bash deploy/local/setup.sh` once (about 6 min on 2 cores)"
         )
-    student_port, teacher_port = _free_port(), _free_port()
+    student_port, teacher_port = free_port(), free_port()
     while teacher_port == student_port:
-        teacher_port = _free_port()
+        teacher_port = free_port()
     run_dir = tmp_path_factory.mktemp("llama-run")
     env = {
         **os.environ,

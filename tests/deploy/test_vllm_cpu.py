@@ -22,7 +22,7 @@ import yaml
 
 from tests.conftest import Gateway, GatewayFactory
 from tests.deploy.conftest import REPO_ROOT as REPO
-from tests.deploy.conftest import _free_port
+from tests.loopback import free_port
 
 pytestmark = pytest.mark.vllm_cpu
 
@@ -49,7 +49,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if paths.get("READY") != "1":
         pytest.skip(f"vLLM CPU venv or weights missing ({paths.get('VENV')}, {paths.get('MODEL_DIR')}); "
                     "run `bash deploy/vllm/cpu.sh setup` (about 2 min, ~700 MB download)")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TRIAGE_VLLM_CPU_PORT": str(port),
            "TRIAGE_RUN_DIR": str(tmp_path_factory.mktemp("vllm-run"))}
     try:
