@@ -11,12 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from router.config import Config
 from router.metrics import Metrics
 
-__all__ = ["Accountant", "Usage", "usage_from_body", "usage_from_event"]
+__all__ = ["Accountant", "Usage", "usage_from_body"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,24 +40,8 @@ def _usage(obj: Any) -> Usage | None:
 
 
 def usage_from_body(parsed: Any) -> Usage | None:
-    """`usage` of a parsed non-streaming answer."""
+    """`usage` of a parsed answer or stream chunk, when it carries one."""
     return _usage(parsed)
-
-
-def usage_from_event(event: bytes) -> tuple[Usage | None, bool]:
-    """(usage, is_usage_only_chunk) of one SSE event; cheap when the event has no usage."""
-    if b'"usage"' not in event:
-        return None, False
-    data = event.strip()
-    if not data.startswith(b"data:"):
-        return None, False
-    try:
-        obj = orjson.loads(data[5:])
-    except orjson.JSONDecodeError:
-        return None, False
-    usage = _usage(obj)
-    usage_only = usage is not None and not obj.get("choices")
-    return usage, usage_only
 
 
 class Accountant:

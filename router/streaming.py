@@ -16,7 +16,7 @@ import orjson
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
-from router.accounting import Usage, usage_from_event
+from router.accounting import Usage, usage_from_body
 from router.config import ModelConfig
 from router.errors import UpstreamError, UpstreamUnavailable, error_body
 from router.exchange import Exchange
@@ -25,30 +25,41 @@ from router.upstream import ModelPool, SSEStream
 
 __all__ = ["stream_attempt"]
 
-_ERROR_PREFIXES = (b'data: {"error"', b'data:{"error"')
 _FIELDS = (b"event:", b"id:", b"retry:", b":")
 
 
-def _malformed(event: bytes) -> bool:
-    """True when an event is not well-formed SSE carrying JSON (or `[DONE]`).
+class _Malformed(Exception):
+    """An event that is not well-formed SSE carrying JSON (or `[DONE]`)."""
 
-    Checked on every event so a corrupted stream is reported as an error
-    instead of being passed on as if it were an answer.
+
+def _decode(event: bytes) -> Any:
+    """The JSON an event carries; None for `[DONE]` or an event without data.
+
+    Every event is decoded once, here, and the result serves the integrity
+    check, usage accounting, the quality checks and logprob stripping; a
+    corrupted stream is thereby reported as an error instead of passed on.
     """
+    data: list[bytes] = []
     for line in event.split(b"\n"):
         line = line.rstrip(b"\r")
         if not line or line.startswith(_FIELDS):
             continue
         if not line.startswith(b"data:"):
-            return True
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            continue
-        try:
-            orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return True
-    return False
+            raise _Malformed
+        data.append(line[5:].strip())
+    if not data:
+        return None
+    payload = b"\n".join(data)
+    if payload == b"[DONE]":
+        return None
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise _Malformed from None
+
+
+def _is_error(obj: Any) -> bool:
+    return isinstance(obj, dict) and "error" in obj
 
 
 class _Held:
@@ -61,14 +72,7 @@ class _Held:
         self.tools: dict[int, dict[str, Any]] = {}
         self.events = 0
 
-    def feed(self, event: bytes) -> None:
-        data = event.strip()
-        if not data.startswith(b"data:") or data.endswith(b"[DONE]"):
-            return
-        try:
-            obj = orjson.loads(data[5:])
-        except orjson.JSONDecodeError:
-            return
+    def feed(self, obj: Any) -> None:
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not choices or not isinstance(choices[0], dict):
             return
@@ -103,6 +107,20 @@ class _Held:
         return Answer("".join(self.text), self.finish_reason, calls, self.logprobs, complete)
 
 
+# An event as received and the JSON it carries (None for `[DONE]`).
+_Event = tuple[bytes, Any]
+
+
+async def _next(stream: SSEStream, model: ModelConfig) -> _Event | None:
+    event = await stream.next_event()
+    if event is None:
+        return None
+    try:
+        return event, _decode(event)
+    except _Malformed:
+        raise UpstreamUnavailable(f"model {model.name!r} sent a malformed stream event") from None
+
+
 async def stream_attempt(
     ex: Exchange, pool: ModelPool, idx: int, model: ModelConfig, reason: str
 ) -> StreamingResponse:
@@ -110,10 +128,10 @@ async def stream_attempt(
     gw = ex.gateway
     t = time.perf_counter()
     stream = await pool.open_stream(idx, ex.path, ex.body_for(model), ex.request_id)
-    held: list[bytes] = []
+    held: list[_Event] = []
     try:
-        first = await stream.next_event()
-        if first is None or first.startswith(_ERROR_PREFIXES) or _malformed(first):
+        first = await _next(stream, model)
+        if first is None or _is_error(first[1]):
             raise UpstreamUnavailable(f"model {model.name!r} ended its stream before answering")
         held.append(first)
         gw.metrics.ttft.labels(model.name).observe(time.perf_counter() - ex.started)
@@ -134,40 +152,32 @@ async def stream_attempt(
     )
 
 
-async def _hold_back(ex: Exchange, stream: SSEStream, model: ModelConfig, held: list[bytes]) -> None:
+async def _hold_back(ex: Exchange, stream: SSEStream, model: ModelConfig, held: list[_Event]) -> None:
     cascade = ex.gateway.config.routing.cascade
     answer = _Held()
-    answer.feed(held[0])
+    answer.feed(held[0][1])
     window_end = time.perf_counter() + cascade.hold_back_ms / 1000
     while (not stream.done and answer.events < cascade.hold_back_tokens
            and time.perf_counter() < window_end):
-        event = await stream.next_event()
-        if event is None:
+        item = await _next(stream, model)
+        if item is None:
             raise UpstreamUnavailable(f"model {model.name!r} ended its stream early")
-        if event.startswith(_ERROR_PREFIXES) or _malformed(event):
-            raise UpstreamUnavailable(f"model {model.name!r} sent an error or a malformed event")
-        held.append(event)
-        answer.feed(event)
+        if _is_error(item[1]):
+            raise UpstreamUnavailable(f"model {model.name!r} sent an error event")
+        held.append(item)
+        answer.feed(item[1])
     checked = answer.answer(complete=stream.done)
     failed = check_answer(checked, model.checks, ex.payload, ex.gateway.refusals[model.name])
     if failed is None:
         return
     usage = ex.estimate(answer.events)
-    for event in held:
-        found, _ = usage_from_event(event)
-        if found is not None:
-            usage = found
+    for _, obj in held:
+        usage = usage_from_body(obj) or usage
     if ex.may_escalate(usage):
         raise ex.fail_quality(model, failed, usage)
 
 
-def _strip_logprobs(event: bytes) -> bytes:
-    if b'"logprobs"' not in event:
-        return event
-    try:
-        obj = orjson.loads(event.strip()[5:])
-    except orjson.JSONDecodeError:
-        return event
+def _without_logprobs(obj: Any) -> bytes:
     for choice in obj.get("choices") or ():
         if isinstance(choice, dict):
             choice.pop("logprobs", None)
@@ -175,7 +185,7 @@ def _strip_logprobs(event: bytes) -> bytes:
 
 
 async def _pump(
-    ex: Exchange, stream: SSEStream, held: list[bytes], model: ModelConfig, reason: str
+    ex: Exchange, stream: SSEStream, held: list[_Event], model: ModelConfig, reason: str
 ) -> AsyncIterator[bytes]:
     gw = ex.gateway
     usage: Usage | None = None
@@ -185,28 +195,29 @@ async def _pump(
     gw.metrics.inflight.labels(model.name).inc()
     try:
         pending = iter(held)
-        event: bytes | None = next(pending)
-        while event is not None:
-            if _malformed(event):
-                raise UpstreamUnavailable(f"model {model.name!r} sent a malformed stream event")
-            if event.startswith(_ERROR_PREFIXES):
+        item: _Event | None = next(pending)
+        while item is not None:
+            event, obj = item
+            if _is_error(obj):
                 status = 502
                 gw.metrics.upstream_errors.labels(model.name, "status").inc()
                 yield event  # already an OpenAI-shaped error: pass it on and stop
                 break
             events += 1
-            found, usage_only = usage_from_event(event)
+            found = usage_from_body(obj)
             if found is not None:
                 usage = found
             if shadow is not None:
-                shadow.feed(event)
-            if not (usage_only and not ex.client_wants_usage):
-                yield _strip_logprobs(event) if ex.strip_logprobs else event
-            event = next(pending, None)
-            if event is None and not stream.done:
+                shadow.feed(obj)
+            if found is None or obj.get("choices") or ex.client_wants_usage:
+                # (a usage-only chunk the client did not ask for is dropped)
+                strip = ex.strip_logprobs and isinstance(obj, dict) and b'"logprobs"' in event
+                yield _without_logprobs(obj) if strip else event
+            item = next(pending, None)
+            if item is None and not stream.done:
                 t = time.perf_counter()
                 try:
-                    event = await stream.next_event()
+                    item = await _next(stream, model)
                 finally:
                     ex.upstream_s += time.perf_counter() - t
         if not stream.done and status == 200:
