@@ -193,6 +193,8 @@ async def _pump(
     status = 200
     shadow = _Held() if model.role == "student" and gw.shadow.sample() else None
     gw.metrics.inflight.labels(model.name).inc()
+    out: list[bytes] = []
+    first_write = True
     try:
         pending = iter(held)
         item: _Event | None = next(pending)
@@ -201,7 +203,7 @@ async def _pump(
             if _is_error(obj):
                 status = 502
                 gw.metrics.upstream_errors.labels(model.name, "status").inc()
-                yield event  # already an OpenAI-shaped error: pass it on and stop
+                out.append(event)  # already an OpenAI-shaped error: pass it on and stop
                 break
             events += 1
             found = usage_from_body(obj)
@@ -212,14 +214,23 @@ async def _pump(
             if found is None or obj.get("choices") or ex.client_wants_usage:
                 # (a usage-only chunk the client did not ask for is dropped)
                 strip = ex.strip_logprobs and isinstance(obj, dict) and b'"logprobs"' in event
-                yield _without_logprobs(obj) if strip else event
+                out.append(_without_logprobs(obj) if strip else event)
             item = next(pending, None)
             if item is None and not stream.done:
+                if out and (first_write or not stream.buffered()):
+                    # Send what has arrived before waiting for more; events that came in
+                    # together go out together, in one write. The first write never waits.
+                    yield b"".join(out)
+                    out.clear()
+                    first_write = False
                 t = time.perf_counter()
                 try:
                     item = await _next(stream, model)
                 finally:
                     ex.upstream_s += time.perf_counter() - t
+        if out:
+            yield b"".join(out)
+            out.clear()
         if not stream.done and status == 200:
             status = 502
             gw.metrics.upstream_errors.labels(model.name, "truncated").inc()
@@ -231,7 +242,7 @@ async def _pump(
     except UpstreamError as exc:
         status = exc.status_code
         gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
-        yield _error_event(exc.message, exc.type)
+        yield b"".join(out) + _error_event(exc.message, exc.type)
     finally:
         gw.metrics.inflight.labels(model.name).dec()
         # One event per token is how OpenAI-compatible servers stream; minus

@@ -74,6 +74,10 @@ class SSEStream:
                     return None
             self._buffer += chunk
 
+    def buffered(self) -> bool:
+        """Whether a whole event is already here (the next `next_event` will not wait)."""
+        return self._find_boundary() >= 0
+
     def _find_boundary(self) -> int:
         buf = self._buffer
         i = buf.find(b"\n\n")
