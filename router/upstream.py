@@ -157,10 +157,6 @@ class ModelPool:
                 return idx
         return None
 
-    def available(self) -> bool:
-        """Whether any endpoint would take a request now."""
-        return any(ep.breaker.available() for ep in self.endpoints)
-
     def mark_ok(self, idx: int) -> None:
         """The endpoint answered (even with a client error): it is healthy."""
         self.endpoints[idx].breaker.success()
