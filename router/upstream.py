@@ -20,6 +20,9 @@ __all__ = ["Endpoint", "ModelPool", "SSEStream", "UpstreamReply"]
 
 # Response headers worth passing to the client; hop-by-hop and framing headers
 # are the gateway's own business.
+# No legitimate chunk of a completion stream comes near this.
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
 PASS_HEADERS = ("retry-after", "openai-processing-ms", "x-ratelimit-remaining-requests")
 
 
@@ -73,6 +76,11 @@ class SSEStream:
                         return tail + b"\n\n"
                     return None
             self._buffer += chunk
+            if len(self._buffer) > MAX_EVENT_BYTES:
+                # A stream that never ends an event would otherwise grow without bound.
+                raise UpstreamUnavailable(
+                    f"model {self.model!r} sent a stream event over {MAX_EVENT_BYTES} bytes"
+                )
 
     def buffered(self) -> bool:
         """Whether a whole event is already here (the next `next_event` will not wait)."""
