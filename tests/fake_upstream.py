@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 Mode = Literal[
     "ok", "status", "cut_stream", "no_done", "malformed", "no_usage", "stream_error",
-    "broken_frame", "stall",
+    "broken_frame", "stall", "huge_event",
 ]
 
 
@@ -139,6 +139,11 @@ def _chunk(
 async def _stream(
     state: FakeState, body: dict[str, Any], chat: bool, usage: dict[str, int]
 ) -> AsyncIterator[bytes]:
+    if state.mode == "huge_event":
+        yield b'data: {"choices": [{"delta": {"content": "'
+        for _ in range(80):
+            yield b"x" * 65536  # 5 MiB and no end of event
+        return
     if state.mode == "stream_error":
         yield b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
         return

@@ -202,3 +202,13 @@ def test_no_connection_leak_under_faults(upstreams: Upstreams, make_gateway: Gat
             burst()
             # Failed attempts close their sockets: only keep-alive connections remain.
             assert _fds() <= before + 4
+
+
+def test_endless_stream_event_is_cut_off(gateway: Gateway, upstreams: Upstreams) -> None:
+    upstreams.small.mode = "huge_event"
+    resp, events = stream_events(gateway)
+    # Nothing was sent yet, so the teacher answers instead.
+    assert resp.headers["x-triage-model"] == "teacher"
+    assert text_of(events).startswith("teacher-0")
+    assert gateway.metric("triage_upstream_errors_total",
+                          {"model": "student-small", "type": "unavailable"}) == 1
