@@ -8,6 +8,7 @@ config; names, never key values, appear in metrics and logs.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import os
 import time
@@ -16,32 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router.config import AuthConfig
-from router.errors import GatewayError
+from router.errors import AuthError, RateLimited
 
-__all__ = [
-    "AuthError", "Authenticator", "KeyState", "RateLimited", "check_token", "load_keys",
-    "retry_after_header",
-]
-
-
-class AuthError(GatewayError):
-    """Missing or wrong API key."""
-
-    status_code = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class RateLimited(GatewayError):
-    """A per-key limit was reached."""
-
-    status_code = 429
-    type = "rate_limit_error"
-
-    def __init__(self, message: str, code: str, retry_after_s: float | None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retry_after_s = retry_after_s
+__all__ = ["Authenticator", "KeyState", "check_token", "load_keys", "retry_after_header"]
 
 
 def _digest(key: str) -> str:
@@ -187,9 +165,7 @@ def check_token(expected: str | None, authorization: str | None) -> None:
     if expected is None:
         return
     given = _bearer(authorization)
-    if given is None or not hashlib.sha256(given.encode()).digest() == hashlib.sha256(
-        expected.encode()
-    ).digest():
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
         raise AuthError("This endpoint needs its own bearer token.")
 
 

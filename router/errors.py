@@ -3,6 +3,8 @@
     GatewayError                    500 internal_error
     ├── InvalidRequest              400 invalid_request_error
     │   └── BodyTooLarge            413 invalid_request_error
+    ├── AuthError                   401 invalid_request_error / invalid_api_key
+    ├── RateLimited                 429 rate_limit_error / the limit's name
     ├── ModelNotFound               404 invalid_request_error / model_not_found
     └── UpstreamError               502 upstream_error
         ├── UpstreamUnavailable     502 upstream_error (connect refused, reset, bad body)
@@ -23,10 +25,12 @@ import aiohttp
 import orjson
 
 __all__ = [
+    "AuthError",
     "BodyTooLarge",
     "GatewayError",
     "InvalidRequest",
     "ModelNotFound",
+    "RateLimited",
     "UpstreamError",
     "UpstreamStatus",
     "UpstreamTimeout",
@@ -72,6 +76,26 @@ class BodyTooLarge(InvalidRequest):
 
     status_code = 413
     code = "request_too_large"
+
+
+class AuthError(GatewayError):
+    """Missing or wrong API key."""
+
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class RateLimited(GatewayError):
+    """A per-key limit was reached; `retry_after_s` when waiting will help."""
+
+    status_code = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, code: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
 
 
 class ModelNotFound(GatewayError):

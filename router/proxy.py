@@ -26,12 +26,13 @@ from starlette.responses import Response
 
 from classifiers import prompt_text
 from router.accounting import usage_from_body
-from router.auth import RateLimited, retry_after_header
+from router.auth import retry_after_header
 from router.config import ModelConfig
 from router.errors import (
     BodyTooLarge,
     GatewayError,
     InvalidRequest,
+    RateLimited,
     UpstreamError,
     UpstreamStatus,
     UpstreamTimeout,
