@@ -280,19 +280,8 @@ def _models_body(config: Config) -> dict[str, Any]:
 def _install_sighup(loop: asyncio.AbstractEventLoop, reloader: Reloader) -> bool:
     """Reload on SIGHUP; only possible in the main thread (not when embedded in tests)."""
 
-    def on_hup() -> None:
-        async def run() -> None:
-            try:
-                await reloader.reload()
-            except ReloadError as exc:
-                log.error("config reload rejected, still serving the old config:\n%s", exc)
-
-        task = loop.create_task(run())
-        reloader._retiring.add(task)  # keep a reference until it finishes
-        task.add_done_callback(reloader._retiring.discard)
-
     try:
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload_in_background)
     except (ValueError, RuntimeError, NotImplementedError):
         return False
     return True

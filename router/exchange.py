@@ -123,7 +123,6 @@ class Exchange:
     def finish(self, model: str, reason: str, status: int) -> None:
         """Count the request once its outcome is known."""
         m = self.gateway.metrics
-        self.gateway.active -= 1
         total = time.perf_counter() - self.started
         m.requests.labels(model, reason, f"{status // 100}xx").inc()
         m.request_duration.labels(model).observe(total)

@@ -42,7 +42,7 @@ from router.exchange import Endpoint, Exchange, QualityFailure
 from router.gateway import Gateway
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.quality import answer_from_body, check_answer
-from router.streaming import stream_attempt
+from router.streaming import GatewayStream, stream_attempt
 from router.upstream import ModelPool, UpstreamReply
 
 __all__ = ["handle_completion"]
@@ -137,6 +137,19 @@ def _budget_header(request: Request) -> float | None:
 async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
     """Serve POST /v1/chat/completions or /v1/completions."""
     gw: Gateway = request.app.state.gateway
+    # Counted before the first await, so a reload cannot retire this gateway (and close its
+    # upstream clients) while the request is still reading its body.
+    gw.active += 1
+    response: Response | None = None
+    try:
+        response = await _handle(request, endpoint, gw)
+        return response
+    finally:
+        if not isinstance(response, GatewayStream):
+            gw.active -= 1  # a stream releases the gateway when its last event is sent
+
+
+async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response:
     started = time.perf_counter()
     request_id = _request_id(request)
     config = gw.config
@@ -186,7 +199,6 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
         escalation_budget_usd=budget_usd if budget_usd is not None else cascade.max_escalation_usd,
         key=key,
     )
-    gw.active += 1
     return await _serve(ex)
 
 

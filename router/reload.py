@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 
@@ -61,11 +63,26 @@ class Reloader:
             new = Gateway(config, scorer, self.metrics)
             self.app.state.gateway = new
             self.metrics.reloads.labels("applied").inc()
-            task = asyncio.get_running_loop().create_task(self._retire(old))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._track(self._retire(old))
             log.info("config reloaded from %s", self.config_path)
             return config
+
+    def reload_in_background(self) -> None:
+        """Reload without a caller to answer (SIGHUP); a rejected file is logged."""
+
+        async def run() -> None:
+            try:
+                await self.reload()
+            except ReloadError as exc:
+                log.error("config reload rejected, still serving the old config:\n%s", exc)
+
+        self._track(run())
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        # Strong references until done: the event loop keeps only weak ones to tasks.
+        task = asyncio.get_running_loop().create_task(work)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, old: Gateway) -> None:
         waited = 0.0

@@ -23,7 +23,7 @@ from router.exchange import Exchange
 from router.quality import Answer, check_answer
 from router.upstream import ModelPool, SSEStream
 
-__all__ = ["stream_attempt"]
+__all__ = ["GatewayStream", "stream_attempt"]
 
 _FIELDS = (b"event:", b"id:", b"retry:", b":")
 
@@ -107,6 +107,10 @@ class _Held:
         return Answer("".join(self.text), self.finish_reason, calls, self.logprobs, complete)
 
 
+class GatewayStream(StreamingResponse):
+    """A stream whose pump holds its gateway in use (`Gateway.active`) until it ends."""
+
+
 # An event as received and the JSON it carries (None for `[DONE]`).
 _Event = tuple[bytes, Any]
 
@@ -123,7 +127,7 @@ async def _next(stream: SSEStream, model: ModelConfig) -> _Event | None:
 
 async def stream_attempt(
     ex: Exchange, pool: ModelPool, idx: int, model: ModelConfig, reason: str
-) -> StreamingResponse:
+) -> GatewayStream:
     """Open a stream, hold back and check its start; return the response that streams the rest."""
     gw = ex.gateway
     t = time.perf_counter()
@@ -144,7 +148,7 @@ async def stream_attempt(
         ex.upstream_s += time.perf_counter() - t
     headers = ex.headers(model, reason)
     headers["cache-control"] = "no-cache"
-    return StreamingResponse(
+    return GatewayStream(
         _pump(ex, stream, held, model, reason),
         media_type="text/event-stream",
         headers=headers,
@@ -253,6 +257,7 @@ async def _pump(
         )
         gw.metrics.upstream_duration.labels(model.name).observe(ex.upstream_s)
         ex.finish(model.name, reason, status)
+        gw.active -= 1
 
 
 def _error_event(message: str, type_: str) -> bytes:

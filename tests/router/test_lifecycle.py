@@ -120,3 +120,20 @@ def test_reload_swaps_policy_and_rejects_bad_config(
 def test_reload_endpoint_off_by_default(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
     with make_gateway(base_config(upstreams.urls)) as gw:
         assert httpx.post(gw.url + "/admin/reload").status_code == 404
+
+
+def test_stream_in_flight_survives_reload(
+    serve_process: tuple[subprocess.Popen[bytes], str, Path], upstreams: Upstreams
+) -> None:
+    _, url, _ = serve_process
+    upstreams.small.chunks = 15
+    upstreams.small.chunk_delay_s = 0.1  # a 1.5 s answer
+    out: dict[str, Any] = {}
+    reader = threading.Thread(target=read_stream, args=(url, out))
+    reader.start()
+    time.sleep(0.4)
+    assert httpx.post(url + "/admin/reload").status_code == 200  # the old gateway retires
+    reader.join(10)
+    assert "error" not in out
+    assert out["events"][-1] == "[DONE]"
+    assert len(out["events"]) == 15 + 2  # every content chunk, the finish chunk, [DONE]
