@@ -12,8 +12,11 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
+import yaml
 
 from tests.loopback import free_port
 
@@ -97,3 +100,23 @@ def local_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMode
         )
     finally:
         _models_sh("stop", env)
+
+
+def shipped_config(student_url: str, teacher_url: str) -> dict[str, Any]:
+    """The repo's config.yaml (learned classifier, calibrated threshold) pointed at these servers."""
+    raw: dict[str, Any] = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    student, teacher = raw["models"]
+    student["endpoints"] = [student_url]
+    teacher["endpoints"] = [teacher_url]
+    raw["classifier"]["path"] = str(REPO_ROOT / raw["classifier"]["path"])
+    return raw
+
+
+def sdk_client(base_url: str) -> openai.OpenAI:
+    """The official SDK against a gateway, with quality escalation off for the request.
+
+    These suites check routing and the wire format with real tiny models, whose answers
+    are not reliable enough to pass the quality checks every time.
+    """
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="local", max_retries=0, timeout=120,
+                         default_headers={"x-triage-fallback": "off"})

@@ -7,11 +7,9 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 
 from tests.conftest import Gateway, GatewayFactory
-from tests.deploy.conftest import REPO_ROOT as REPO
-from tests.deploy.conftest import LocalModels
+from tests.deploy.conftest import LocalModels, sdk_client, shipped_config
 
 pytestmark = pytest.mark.local_models
 
@@ -26,13 +24,10 @@ HARD = (
 @pytest.fixture(scope="module")
 def local_config(local_models: LocalModels) -> dict[str, Any]:
     """The shipped config.yaml (learned classifier, calibrated threshold), on the test's ports."""
-    raw: dict[str, Any] = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw = shipped_config(local_models.student_url, local_models.teacher_url)
     student, teacher = raw["models"]
-    student["endpoints"] = [local_models.student_url]
-    teacher["endpoints"] = [local_models.teacher_url]
     assert student["upstream_model"] == local_models.student_model
     assert teacher["upstream_model"] == local_models.teacher_model
-    raw["classifier"]["path"] = str(REPO / raw["classifier"]["path"])
     return raw
 
 
@@ -43,10 +38,7 @@ def local_gateway(local_config: dict[str, Any], make_gateway: GatewayFactory) ->
 
 
 def client(gw: Gateway) -> openai.OpenAI:
-    # Quality escalation is off here: this test is about routing real traffic, and the
-    # 135M student's answers are not reliable enough to pass the checks every time.
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key="local", max_retries=0, timeout=120,
-                         default_headers={"x-triage-fallback": "off"})
+    return sdk_client(gw.url)
 
 
 def test_easy_to_student_hard_to_teacher(local_gateway: Gateway) -> None:

@@ -18,10 +18,10 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 
 from tests.conftest import Gateway, GatewayFactory
 from tests.deploy.conftest import REPO_ROOT as REPO
+from tests.deploy.conftest import sdk_client, shipped_config
 from tests.loopback import free_port
 
 pytestmark = pytest.mark.vllm_cpu
@@ -64,13 +64,11 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def vllm_config(vllm_url: str) -> dict[str, Any]:
     """The shipped config.yaml (learned classifier, calibrated threshold), both roles on vLLM."""
-    raw: dict[str, Any] = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw = shipped_config(vllm_url, vllm_url)
     student, teacher = raw["models"]
     for model in (student, teacher):
-        model["endpoints"] = [vllm_url]
         model["upstream_model"] = "smollm2-135m-instruct"
     student["context_window"] = 2048  # the server's --max-model-len
-    raw["classifier"]["path"] = str(REPO / raw["classifier"]["path"])
     return raw
 
 
@@ -81,9 +79,7 @@ def vllm_gateway(vllm_config: dict[str, Any], make_gateway: GatewayFactory) -> I
 
 
 def client(gw: Gateway) -> openai.OpenAI:
-    # Quality escalation off: this is about vLLM's wire format, not the 135M model's answers.
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key="local", max_retries=0, timeout=120,
-                         default_headers={"x-triage-fallback": "off"})
+    return sdk_client(gw.url)
 
 
 def test_routed_completions_with_exact_usage(vllm_gateway: Gateway) -> None:
