@@ -60,6 +60,31 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Request bodies larger than this get 413."
     )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024,
+        description="A request head (request line and all headers) larger than this gets 431.",
+    )
+    max_header_line_bytes: int = Field(
+        16 * 1024, ge=256, description="One header (name and value) larger than this gets 431."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0,
+        description="A connection must deliver a whole request head within this long of opening "
+        "(or of its previous response); otherwise it is closed.",
+    )
+    max_connections: int | None = Field(
+        None, gt=0,
+        description="Open client connections; past it the oldest idle one is closed, or the new one "
+        "refused. Default: what the process's open-file limit leaves after upstream pools.",
+    )
+    max_inflight_requests: int = Field(
+        1024, gt=0,
+        description="Completion requests admitted at once; more get 503 `overloaded` with Retry-After.",
+    )
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="Request and event log lines: plain text or one JSON object a line."
+    )
+    access_log: bool = Field(True, description="Log one line per completion request.")
 
 
 class Price(_Strict):
@@ -133,7 +158,18 @@ class ModelConfig(_Strict):
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     connect_timeout_s: float = Field(2.0, gt=0)
     read_timeout_s: float = Field(120.0, gt=0)
-    max_connections: int = Field(200, gt=0, description="Pooled connections to this model.")
+    max_connections: int = Field(
+        200, gt=0, description="Pooled connections to this model (requests beyond it wait for one)."
+    )
+    pool_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Longest wait for a free pooled connection; then 503 `overloaded`. Waiting is "
+        "not an upstream failure: it never opens a breaker or causes a fallback.",
+    )
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024,
+        description="Largest upstream answer accepted (after decompression); more is an upstream error.",
+    )
     keepalive_timeout_s: float = Field(30.0, gt=0, description="Idle time before a pooled connection closes.")
     checks: QualityChecks = QualityChecks()
     serve: ServeConfig | None = None
@@ -186,6 +222,11 @@ class RoutingConfig(_Strict):
     alias: str = Field("auto", min_length=1)
     allow_override_header: bool = Field(
         True, description="Honour the `x-triage-route: <model>` request header."
+    )
+    pinnable_models: list[ModelName] | None = Field(
+        None,
+        description="Models a client may name directly (`model: <name>` or the override header); "
+        "null = every model, [] = only the routing alias. auth.pinning overrides it per key.",
     )
     fallback_to_teacher: bool = Field(
         True, description="When a student fails before answering, retry the request on the teacher."
@@ -257,6 +298,10 @@ class AuthConfig(_Strict):
     metrics_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     admin_token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     limits: Limits = Limits()
+    pinning: dict[str, list[ModelName]] = Field(
+        default_factory=dict,
+        description="Per key name: the models that key may pin, replacing routing.pinnable_models.",
+    )
 
 
 class AdminConfig(_Strict):
@@ -288,6 +333,12 @@ class Config(_Strict):
             raise ValueError(
                 f"routing.alias {self.routing.alias!r} is also a model name; pick another alias"
             )
+        pinnable = [("routing.pinnable_models", self.routing.pinnable_models or [])]
+        pinnable += [(f"auth.pinning.{k}", v) for k, v in self.auth.pinning.items()]
+        for where, listed in pinnable:
+            unknown = sorted(set(listed) - set(names))
+            if unknown:
+                raise ValueError(f"{where} names unknown model(s): {', '.join(unknown)}")
         return self
 
     @property
@@ -321,10 +372,14 @@ def format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
+def load_config(
+    path: Path, environ: dict[str, str] | None = None, *, missing_secrets: list[str] | None = None
+) -> Config:
     """Read, validate and resolve a config file; raise `ConfigError` listing every problem.
 
-    A relative `classifier.path` is resolved against the config file's folder.
+    A relative `classifier.path` is resolved against the config file's folder. An unset
+    secret variable is an error, unless the caller passes `missing_secrets`: commands that
+    never call an upstream (`check-config`, `route`) collect them there as warnings.
     """
     env = os.environ if environ is None else environ
     try:
@@ -344,16 +399,17 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
     except ValidationError as exc:
         raise ConfigError(f"{path} has {exc.error_count()} error(s):\n"
                           + format_validation_error(exc)) from None
-    problems = []
+    problems: list[str] = []
+    secrets = problems if missing_secrets is None else missing_secrets
     for i, m in enumerate(config.models):
         if m.api_key_env and not env.get(m.api_key_env):
-            problems.append(
+            secrets.append(
                 f"  models.{i}.api_key_env  environment variable {m.api_key_env} is not set"
             )
     for field in ("keys_env", "metrics_token_env", "admin_token_env"):
         var = getattr(config.auth, field)
         if var and not env.get(var):
-            problems.append(f"  auth.{field}  environment variable {var} is not set")
+            secrets.append(f"  auth.{field}  environment variable {var} is not set")
     kpath = config.auth.keys_file
     if kpath is not None and not kpath.is_absolute():
         kpath = (path.parent / kpath).resolve()
