@@ -6,6 +6,8 @@
     ├── AuthError                   401 invalid_request_error / invalid_api_key
     ├── RateLimited                 429 rate_limit_error / the limit's name
     ├── ModelNotFound               404 invalid_request_error / model_not_found
+    ├── ModelNotAllowed             403 invalid_request_error / model_not_allowed
+    ├── Overloaded                  503 server_error / overloaded (with Retry-After)
     └── UpstreamError               502 upstream_error
         ├── UpstreamUnavailable     502 upstream_error (connect refused, reset, bad body)
         ├── UpstreamTimeout         504 upstream_timeout
@@ -29,7 +31,9 @@ __all__ = [
     "BodyTooLarge",
     "GatewayError",
     "InvalidRequest",
+    "ModelNotAllowed",
     "ModelNotFound",
+    "Overloaded",
     "RateLimited",
     "UpstreamError",
     "UpstreamStatus",
@@ -104,6 +108,28 @@ class ModelNotFound(GatewayError):
     status_code = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class ModelNotAllowed(GatewayError):
+    """The client may not pin this model (routing.pinnable_models / auth.pinning)."""
+
+    status_code = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class Overloaded(GatewayError):
+    """The gateway is at an admission limit: too many requests in flight, or no pooled
+    connection came free in time. Not an upstream failure: nothing was sent upstream,
+    no breaker counts it and it causes no fallback. The client should retry later."""
+
+    status_code = 503
+    type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UpstreamError(GatewayError):

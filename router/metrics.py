@@ -20,7 +20,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-__all__ = ["FALLBACK_REASONS", "UPSTREAM_ERROR_TYPES", "Metrics", "exposition"]
+__all__ = ["FALLBACK_REASONS", "POOL_STATES", "UPSTREAM_ERROR_TYPES", "Metrics", "exposition"]
 
 # LLM-sized: generations take seconds to minutes.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -35,7 +35,8 @@ FALLBACK_REASONS = (
     "upstream_error", "timeout", "empty", "length", "refusal", "invalid_json", "tool_call",
     "low_confidence", "repetition",
 )
-UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated")
+UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated", "too_large", "redirect")
+POOL_STATES = ("in_use", "waiting")
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
 
 
@@ -205,6 +206,26 @@ class Metrics:
         self.reloads = Family(Counter(
             "triage_config_reloads", "Config reloads by result.", ["result"], registry=registry,
         ))
+        self.pool_connections = Family(Gauge(
+            "triage_upstream_pool_connections",
+            "Requests holding (in_use) or queued for (waiting) a pooled upstream connection, by model.",
+            ["model", "state"], registry=registry, multiprocess_mode="livesum",
+        ))
+        self.pool_timeouts = Family(Counter(
+            "triage_upstream_pool_timeouts",
+            "Requests that waited pool_timeout_s for a pooled connection and got 503, by model.",
+            ["model"], registry=registry,
+        ))
+        self.admitted = Gauge(
+            "triage_admitted_requests",
+            "Completion requests in progress against server.max_inflight_requests.",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.client_disconnects = Family(Counter(
+            "triage_client_disconnects",
+            "Requests whose client left before the answer; upstream work was cancelled. By model.",
+            ["model"], registry=registry,
+        ))
         self.build_info = Family(Gauge(
             "triage_build_info", "Always 1; labels carry the version and config hash.",
             ["version", "config_hash"], registry=registry, multiprocess_mode="max",
@@ -233,3 +254,7 @@ class Metrics:
             self.upstream_duration.labels(model)
             self.inflight.labels(model)
             self.deadline_exceeded.labels(model)
+            self.pool_timeouts.labels(model)
+            self.client_disconnects.labels(model)
+            for state in POOL_STATES:
+                self.pool_connections.labels(model, state)
