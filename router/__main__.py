@@ -13,16 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from router.config import Config, ConfigError, config_hash, load_config
+from router.logs import configure as configure_logs
 
 DEFAULT_CONFIG = Path("config.yaml")
 
 
-def _load(path: Path) -> Config | None:
+def _load(path: Path, *, secrets_needed: bool = True) -> Config | None:
+    """The config, or None after printing why not.
+
+    Commands that never call an upstream pass `secrets_needed=False`: an unset secret
+    variable is then a warning, so a config can be checked where its secrets are not.
+    """
+    missing: list[str] | None = None if secrets_needed else []
     try:
-        return load_config(path)
+        config = load_config(path, missing_secrets=missing)
     except ConfigError as exc:
         print(f"triage: {exc}", file=sys.stderr)
         return None
+    if missing:
+        print(f"triage: warning: {path}: secrets not set here (needed by `triage serve`):\n"
+              + "\n".join(missing), file=sys.stderr)
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -32,12 +43,13 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.app import create_app
+    from router.server import configure_protocol
 
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(args.log_format or config.server.log_format, args.log_level)
+    if not config.server.access_log:
+        logging.getLogger("triage.access").setLevel(logging.WARNING)
     try:
         app = create_app(config, config_hash=config_hash(args.config), config_path=args.config)
     except (OSError, ValueError) as exc:
@@ -45,7 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     options: dict[str, Any] = {
         "host": host, "port": port, "log_level": args.log_level, "access_log": args.access_log,
-        "loop": "uvloop", "http": "httptools", "timeout_graceful_shutdown": args.drain_timeout_s,
+        "log_config": None,  # the gateway's own handlers and format (router/logs.py)
+        "loop": "uvloop", "http": configure_protocol(config),
+        "timeout_graceful_shutdown": args.drain_timeout_s,
     }
     if args.workers > 1:
         # Each worker process builds its own app from the config named in the environment;
@@ -54,6 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_dir = Path(tempfile.mkdtemp(prefix="triage-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         os.environ["TRIAGE_CONFIG"] = str(args.config.resolve())
+        os.environ["TRIAGE_LOG_FORMAT"] = args.log_format or config.server.log_format
+        os.environ["TRIAGE_LOG_LEVEL"] = args.log_level
         try:
             uvicorn.run("router.app:app_from_env", factory=True, workers=args.workers, **options)
         finally:
@@ -64,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, secrets_needed=False)
     if config is None:
         return 2
     students = ", ".join(f"{m.name} (<{m.max_score})" for m in config.students) or "none"
@@ -74,7 +90,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, secrets_needed=False)
     if config is None:
         return 2
     from classifiers import load_scorer
@@ -101,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--access-log", action="store_true",
+                       help="also log uvicorn's own access lines (the gateway logs one line per "
+                            "completion request already; see server.access_log)")
+    serve.add_argument("--log-format", choices=["plain", "json"],
+                       help="log line format (default: server.log_format, plain)")
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes (metrics are aggregated across them)")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,

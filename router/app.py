@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from classifiers import Scorer, load_scorer
 from router import __version__
@@ -26,9 +26,11 @@ from router.config import Config, config_hash, load_config
 from router.errors import GatewayError, error_body
 from router.exchange import Endpoint
 from router.gateway import Gateway
+from router.logs import configure as configure_logs
+from router.logs import event
 from router.metrics import Metrics, exposition
 from router.protocol import ChatCompletionRequest, CompletionRequest
-from router.proxy import handle_completion
+from router.proxy import CLIENT_GONE, handle_completion
 from router.reload import Reloader, ReloadError
 from router.routing import REASONS
 
@@ -106,8 +108,16 @@ class TriageApp(FastAPI):
             endpoint = _FAST_PATHS.get(scope["path"])
             if endpoint is not None:
                 scope["app"] = self
+                watch = _DisconnectWatch(scope, receive)
                 try:
-                    response = await handle_completion(Request(scope, receive), endpoint)
+                    response = await handle_completion(Request(scope, watch.receive), endpoint)
+                except asyncio.CancelledError:
+                    if not watch.fired:
+                        raise
+                    # The client left: its upstream work is cancelled, and nobody is there
+                    # to answer. Let this task finish normally.
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    return
                 except Exception:
                     # Nothing has been sent yet: answer with the OpenAI envelope, not a bare 500.
                     log.exception("unhandled error on %s", scope["path"])
@@ -115,9 +125,57 @@ class TriageApp(FastAPI):
                         error_body("The gateway hit an internal error.", "internal_error"), 500,
                         media_type="application/json",
                     )
-                await response(scope, receive, send)
+                finally:
+                    watch.stop()
+                try:
+                    await response(scope, receive, send)
+                except asyncio.CancelledError:
+                    if not watch.fired:  # the client left just as the answer was ready
+                        raise
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 return
         await super().__call__(scope, receive, send)
+
+
+class _DisconnectWatch:
+    """Cancels a completion handler when its client disconnects before the response starts.
+
+    Without this, a client that gives up (its own timeout, a closed tab) leaves the
+    student request running to its read timeout, and a quality or failure fallback
+    then asks, and pays, the teacher for an answer nobody reads. Once the request
+    body has been read, a task waits for the server's `http.disconnect` message. A
+    streaming response listens for it itself (Starlette's StreamingResponse).
+    """
+
+    __slots__ = ("_receive", "_scope", "_task", "_watcher", "fired")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self._scope = scope
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Task[None] | None = None
+        self.fired = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            if self._watcher is None:
+                self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return message
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                break
+        self.fired = True
+        self._scope[CLIENT_GONE] = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 def create_app(
@@ -146,6 +204,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = Gateway(config, scorer, metrics)
+        _log_start(config)
         app.state.ready_at = 0.0
         reloader = Reloader(app, config_path, metrics)
         app.state.reloader = reloader
@@ -260,10 +319,30 @@ def create_app(
     return app
 
 
+def _log_start(config: Config) -> None:
+    """One line naming what this gateway serves, how it scores and who may call it."""
+    auth = config.auth
+    mode = ("keys" if auth.keys_env or auth.keys_file else "open") + (
+        "" if auth.admin_token_env is None else "+admin_token"
+    )
+    classifier = config.classifier.kind + (
+        f" {config.classifier.path.name}" if config.classifier.path is not None else ""
+    )
+    event(log, logging.INFO, "gateway started", version=__version__,
+          teacher=config.teacher.name,
+          students=",".join(f"{m.name}<{m.max_score:g}" for m in config.students) or None,
+          classifier=classifier, auth=mode, alias=config.routing.alias,
+          max_inflight=config.server.max_inflight_requests)
+
+
 def app_from_env() -> FastAPI:
     """App factory for `triage serve --workers N`: each worker loads the config named in env."""
     path = Path(os.environ["TRIAGE_CONFIG"])
     config = load_config(path)
+    fmt = os.environ.get("TRIAGE_LOG_FORMAT", config.server.log_format)
+    configure_logs("json" if fmt == "json" else "plain", os.environ.get("TRIAGE_LOG_LEVEL", "info"))
+    if not config.server.access_log:
+        logging.getLogger("triage.access").setLevel(logging.WARNING)
     return create_app(config, config_hash=config_hash(path), config_path=path)
 
 

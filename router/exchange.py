@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -13,6 +14,7 @@ from router.auth import KeyState
 from router.config import ModelConfig
 from router.errors import GatewayError
 from router.gateway import Gateway
+from router.logs import ACCESS, UPSTREAM, event
 from router.routing import Decision
 
 __all__ = ["Endpoint", "Exchange", "QualityFailure"]
@@ -49,19 +51,28 @@ class Exchange:
     upstream_s: float = 0.0
     fallback_reason: str | None = None
     strip_logprobs: bool = False
+    # Models sent an attempt, in order (a model appears once per attempt).
+    attempted: list[str] = field(default_factory=list)
+    # The streaming response once one is built (it tells whether its pump started).
+    response: Any = None
 
     @property
     def path(self) -> str:
         """Upstream path below the endpoint's base URL."""
         return PATHS[self.endpoint]
 
-    def headers(self, model: ModelConfig, reason: str) -> dict[str, str]:
-        """The x-triage-* response headers."""
-        h = {
-            "x-triage-model": model.name,
-            "x-triage-reason": reason,
-            "x-request-id": self.request_id,
-        }
+    def headers(self, model: ModelConfig | None, reason: str) -> dict[str, str]:
+        """The x-triage-* response headers.
+
+        `model` is the model whose answer (or own error) this response carries; None when
+        no model answered (timeouts, unreachable upstreams, overload), so `x-triage-model`
+        never names a model that did not answer. `x-triage-attempted` lists every attempt.
+        """
+        h = {"x-triage-reason": reason, "x-request-id": self.request_id}
+        if model is not None:
+            h["x-triage-model"] = model.name
+        if self.attempted and (model is None or len(self.attempted) > 1):
+            h["x-triage-attempted"] = ",".join(self.attempted)
         if self.decision.score is not None:
             h["x-triage-score"] = f"{self.decision.score:.3f}"
         if self.fallback_reason is not None:
@@ -118,12 +129,32 @@ class Exchange:
         self.record(model.name, usage, served=False)
         self.gateway.metrics.fallbacks.labels(model.name, reason).inc()
         self.fallback_reason = reason
+        event(UPSTREAM, logging.WARNING, "quality check failed", request_id=self.request_id,
+              model=model.name, check=reason)
         return QualityFailure(model.name, reason)
 
-    def finish(self, model: str, reason: str, status: int) -> None:
-        """Count the request once its outcome is known."""
+    def finish(
+        self, model: str, reason: str, status: int, *, answered: bool = True, note: str | None = None
+    ) -> None:
+        """Count the request once its outcome is known, and write its access-log line.
+
+        `answered` is False when `model` is only the last one tried (nobody answered);
+        `note` says why a request failed.
+        """
         m = self.gateway.metrics
         total = time.perf_counter() - self.started
         m.requests.labels(model, reason, f"{status // 100}xx").inc()
         m.request_duration.labels(model).observe(total)
         m.overhead.observe(max(total - self.upstream_s, 0.0))
+        if ACCESS.isEnabledFor(logging.INFO):
+            score = self.decision.score
+            event(
+                ACCESS, logging.INFO, "request", request_id=self.request_id,
+                key=None if self.key is None else self.key.name, endpoint=self.endpoint,
+                requested=self.payload.get("model"), model=model if answered else None,
+                attempted=",".join(self.attempted) or None, reason=reason,
+                score=None if score is None else round(score, 3), status=status,
+                stream=self.stream, latency_ms=round(total * 1000, 1),
+                upstream_ms=round(self.upstream_s * 1000, 1), fallback=self.fallback_reason,
+                error=note,
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -11,6 +12,8 @@ from router.accounting import Accountant
 from router.auth import Authenticator
 from router.breaker import State
 from router.config import Config
+from router.errors import Overloaded
+from router.logs import UPSTREAM, event
 from router.metrics import Metrics
 from router.quality import compile_refusals
 from router.retry_budget import RetryBudget
@@ -18,16 +21,33 @@ from router.routing import Router
 from router.shadow import Shadow
 from router.upstream import ModelPool
 
-__all__ = ["Gateway"]
+__all__ = ["Admission", "Gateway"]
 
 _STATE_VALUE: dict[State, int] = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Admission:
+    """Completion requests in progress in this process, across reloads.
+
+    A reload swaps the Gateway but not this, so the limit
+    (`server.max_inflight_requests`) counts every request still running.
+    """
+
+    __slots__ = ("inflight",)
+
+    def __init__(self) -> None:
+        self.inflight = 0
 
 
 class Gateway:
     """Everything a request handler needs; one per running app."""
 
-    def __init__(self, config: Config, scorer: Scorer, metrics: Metrics) -> None:
+    def __init__(
+        self, config: Config, scorer: Scorer, metrics: Metrics, admission: Admission | None = None
+    ) -> None:
         self.config = config
+        self.admission = admission if admission is not None else Admission()
+        self._max_inflight = config.server.max_inflight_requests
         self.scorer = scorer
         self.metrics = metrics
         self.router = Router(config)
@@ -63,10 +83,30 @@ class Gateway:
         metrics.student_share_target.set(target if target is not None else math.nan)
         self.publish_thresholds()
 
+    def enter(self) -> None:
+        """Admit one completion request, or raise Overloaded past the in-flight limit."""
+        if self.admission.inflight >= self._max_inflight:
+            raise Overloaded(
+                f"The gateway is at its limit of {self._max_inflight} requests in flight; "
+                "retry shortly.",
+                retry_after_s=1.0,
+            )
+        self.admission.inflight += 1
+        self.active += 1
+        self.metrics.admitted.inc()
+
+    def leave(self) -> None:
+        """A request admitted by `enter` has finished (for a stream: its last event is sent)."""
+        self.admission.inflight -= 1
+        self.active -= 1
+        self.metrics.admitted.dec()
+
     def _circuit_callback(self, model: str) -> Callable[[int, State], None]:
         def changed(idx: int, state: State) -> None:
             self.metrics.circuit_state.labels(model, str(idx)).set(_STATE_VALUE[state])
             self.metrics.circuit_transitions.labels(model, str(idx), state).inc()
+            event(UPSTREAM, logging.INFO if state == "closed" else logging.WARNING,
+                  "circuit breaker", model=model, endpoint=idx, state=state)
 
         return changed
 

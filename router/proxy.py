@@ -13,6 +13,7 @@ Failure rules:
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -32,6 +33,7 @@ from router.errors import (
     BodyTooLarge,
     GatewayError,
     InvalidRequest,
+    Overloaded,
     RateLimited,
     UpstreamError,
     UpstreamStatus,
@@ -40,6 +42,7 @@ from router.errors import (
 )
 from router.exchange import Endpoint, Exchange, QualityFailure
 from router.gateway import Gateway
+from router.logs import ACCESS, UPSTREAM, event
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.quality import answer_from_body, check_answer
 from router.streaming import GatewayStream, stream_attempt
@@ -53,6 +56,13 @@ _MODELS: dict[Endpoint, type[BaseModel]] = {
 }
 _REQUEST_ID_MAX = 128
 _WHOLE_NUMBERS = ("max_tokens", "max_completion_tokens", "n")
+# Deepest JSON nesting accepted in a request body. Real requests (tool schemas
+# included) stay far below; the JSON encoder that re-serialises a body for the
+# upstream stops at 255, so deeper bodies must be refused up front.
+MAX_JSON_DEPTH = 64
+# Scope key the app sets when the client disconnected and the handler was cancelled.
+CLIENT_GONE = "triage.client_gone"
+_EXCHANGE = "triage.exchange"
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -79,6 +89,18 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than `limit` (iterative: no recursion limit to hit)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
 def _parse(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
     try:
         payload = orjson.loads(body)
@@ -86,6 +108,9 @@ def _parse(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    # Every nesting level needs an opening bracket, so most bodies skip the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(payload, MAX_JSON_DEPTH):
+        raise InvalidRequest(f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.")
     try:
         request = _MODELS[endpoint].model_validate(payload)
     except ValidationError as exc:
@@ -137,22 +162,52 @@ def _budget_header(request: Request) -> float | None:
 async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
     """Serve POST /v1/chat/completions or /v1/completions."""
     gw: Gateway = request.app.state.gateway
-    # Counted before the first await, so a reload cannot retire this gateway (and close its
+    # Admitted before the first await, so a reload cannot retire this gateway (and close its
     # upstream clients) while the request is still reading its body.
-    gw.active += 1
+    try:
+        gw.enter()
+    except Overloaded as exc:
+        request_id = _request_id(request)
+        _rejected(gw, request, endpoint, request_id, exc, None)
+        return _error_response(exc, {"x-request-id": request_id})
     response: Response | None = None
     try:
         response = await _handle(request, endpoint, gw)
         return response
+    except asyncio.CancelledError:
+        if request.scope.get(CLIENT_GONE):
+            _client_gone(request.scope.get(_EXCHANGE))
+        raise
     finally:
         if not isinstance(response, GatewayStream):
-            gw.active -= 1  # a stream releases the gateway when its last event is sent
+            gw.leave()  # a stream releases the gateway when its last event is sent
+
+
+def _client_gone(ex: Exchange | None) -> None:
+    """The client left before its answer: upstream work was cancelled; count and log it."""
+    if ex is None:
+        return  # still reading the body: nothing was sent upstream
+    model = ex.decision.model
+    ex.gateway.metrics.client_disconnects.labels(model.name).inc()
+    ex.finish(model.name, ex.decision.reason, 499, answered=False, note="client_disconnected")
+
+
+def _rejected(
+    gw: Gateway, request: Request, endpoint: Endpoint, request_id: str, exc: GatewayError,
+    key: str | None,
+) -> None:
+    gw.metrics.rejected.labels(str(exc.status_code)).inc()
+    if ACCESS.isEnabledFor(logging.INFO):
+        code = exc.code if exc.code is not None else exc.type
+        event(ACCESS, logging.INFO, "rejected", request_id=request_id, key=key, endpoint=endpoint,
+              status=exc.status_code, error=code)
 
 
 async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response:
     started = time.perf_counter()
     request_id = _request_id(request)
     config = gw.config
+    key = None
     try:
         key = gw.auth.authenticate(request.headers.get("authorization"))
         if key is not None:
@@ -174,11 +229,12 @@ async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response
             gw.metrics.score.observe(score)
         budget = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
         decision = gw.router.decide(
-            requested, override, score, gw.router.estimate_tokens(chars) + budget
+            requested, override, score, gw.router.estimate_tokens(chars) + budget,
+            None if key is None else key.name,
         )
         budget_usd = _budget_header(request)
     except GatewayError as exc:
-        gw.metrics.rejected.labels(str(exc.status_code)).inc()
+        _rejected(gw, request, endpoint, request_id, exc, None if key is None else key.name)
         headers = {"x-request-id": request_id}
         if isinstance(exc, RateLimited):
             headers.update(retry_after_header(exc.retry_after_s))
@@ -199,6 +255,7 @@ async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response
         escalation_budget_usd=budget_usd if budget_usd is not None else cascade.max_escalation_usd,
         key=key,
     )
+    request.scope[_EXCHANGE] = ex
     return await _serve(ex)
 
 
@@ -215,8 +272,9 @@ async def _serve(ex: Exchange) -> Response:
         exc = UpstreamTimeout(
             f"the request did not complete within {gw.config.routing.request_deadline_s:g} s"
         )
-        ex.finish(model.name, ex.decision.reason, exc.status_code)
-        return _error_response(exc, ex.headers(model, ex.decision.reason))
+        ex.finish(model.name, ex.decision.reason, exc.status_code, answered=False,
+                  note="deadline")
+        return _error_response(exc, ex.headers(None, ex.decision.reason))
 
 
 def _retry_after_s(exc: UpstreamStatus) -> float | None:
@@ -242,6 +300,10 @@ async def _attempts(ex: Exchange) -> Response:
             fb = "timeout" if isinstance(last, UpstreamTimeout) else "upstream_error"
             gw.metrics.fallbacks.labels(plan[0].name, fb).inc()
             ex.fallback_reason = fb
+        if step > 0:
+            event(UPSTREAM, logging.WARNING, "fallback", request_id=ex.request_id,
+                  model=plan[0].name, to=model.name, reason=ex.fallback_reason,
+                  detail=None if last is None else last.message)
         pool = gw.pools[model.name]
         tried: set[int] = set()
         for _ in range(1 + gw.config.routing.retries_per_model):
@@ -258,6 +320,7 @@ async def _attempts(ex: Exchange) -> Response:
                 return _give_up(ex, plan[:step + 1], last)
             tried.add(idx)
             made += 1
+            ex.attempted.append(model.name)
             verdict = False
             gw.metrics.inflight.labels(model.name).inc()
             try:
@@ -273,6 +336,13 @@ async def _attempts(ex: Exchange) -> Response:
                 verdict = True
                 last = exc
                 break  # the answer was bad, not the endpoint: go straight to the teacher
+            except Overloaded as exc:
+                # No free pooled connection in time: nothing reached the upstream, so this
+                # is neither an endpoint failure (the claim is released, not failed) nor a
+                # reason to send the request to another model.
+                ex.attempted.pop()
+                ex.finish(model.name, reason, exc.status_code, answered=False, note="pool_timeout")
+                return _error_response(exc, ex.headers(None, reason))
             except UpstreamStatus as exc:
                 gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
                 verdict = True
@@ -280,6 +350,8 @@ async def _attempts(ex: Exchange) -> Response:
                     pool.mark_ok(idx)
                     ex.finish(model.name, reason, exc.status_code)
                     return _error_response(exc, ex.headers(model, reason))
+                event(UPSTREAM, logging.WARNING, "upstream failed", request_id=ex.request_id,
+                      model=model.name, endpoint=idx, error=exc.message)
                 pool.mark_failed(idx, _retry_after_s(exc) if exc.status_code == 429 else None)
                 last = exc
             except UpstreamError as exc:
@@ -287,6 +359,8 @@ async def _attempts(ex: Exchange) -> Response:
                 pool.mark_failed(idx)
                 verdict = True
                 last = exc
+                event(UPSTREAM, logging.WARNING, "upstream failed", request_id=ex.request_id,
+                      model=model.name, endpoint=idx, error=exc.message)
             finally:
                 if not verdict:
                     pool.release(idx)
@@ -298,8 +372,10 @@ async def _attempts(ex: Exchange) -> Response:
 def _give_up(ex: Exchange, plan: list[ModelConfig], last: GatewayError) -> Response:
     final = plan[-1]
     reason = ex.decision.reason if len(plan) == 1 else "fallback"
-    ex.finish(final.name, reason, last.status_code)
-    return _error_response(last, ex.headers(final, reason))
+    # Only a model whose own error status is passed on is named as having answered.
+    answered = isinstance(last, UpstreamStatus) and ex.attempted[-1:] == [final.name]
+    ex.finish(final.name, reason, last.status_code, answered=answered, note=last.message)
+    return _error_response(last, ex.headers(final if answered else None, reason))
 
 
 async def _json_attempt(
@@ -345,4 +421,6 @@ async def _json_attempt(
 def _error_response(exc: GatewayError, headers: dict[str, str]) -> Response:
     if isinstance(exc, UpstreamStatus) and exc.retry_after:
         headers = {**headers, "retry-after": exc.retry_after}
+    elif isinstance(exc, Overloaded):
+        headers = {**headers, **retry_after_header(exc.retry_after_s)}
     return Response(exc.body(), exc.status_code, headers, media_type="application/json")

@@ -19,12 +19,19 @@ from starlette.applications import Starlette
 from classifiers import Scorer, load_scorer
 from router.config import Config, ConfigError, load_config
 from router.gateway import Gateway
+from router.logs import event
 from router.metrics import Metrics
 from router.routing import REASONS
 
 __all__ = ["ReloadError", "Reloader"]
 
 log = logging.getLogger("triage.reload")
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as a one-line reason, without a traceback."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class ReloadError(Exception):
@@ -49,23 +56,33 @@ class Reloader:
         if self.config_path is None:
             raise ReloadError("this gateway was not started from a config file")
         async with self._lock:
+            old: Gateway = self.app.state.gateway
             try:
                 config = load_config(self.config_path)
-                old: Gateway = self.app.state.gateway
                 scorer: Scorer = (
                     old.scorer if config.classifier == old.config.classifier
                     else load_scorer(config.classifier.kind, config.classifier.path)
                 )
-            except (ConfigError, OSError, ValueError) as exc:
-                self.metrics.reloads.labels("rejected").inc()
-                raise ReloadError(str(exc)) from None
+                # Building the gateway reads the keys file and compiles patterns: anything
+                # wrong there rejects the file too, and the running gateway stays.
+                new = Gateway(config, scorer, self.metrics, old.admission)
+            except ConfigError as exc:
+                raise self._rejected(str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - an unloadable classifier raises anything
+                raise self._rejected(_describe(exc)) from None
             self.metrics.precreate([m.name for m in config.models], REASONS)
-            new = Gateway(config, scorer, self.metrics)
             self.app.state.gateway = new
             self.metrics.reloads.labels("applied").inc()
             self._track(self._retire(old))
-            log.info("config reloaded from %s", self.config_path)
+            event(log, logging.INFO, "config reloaded", path=str(self.config_path),
+                  models=",".join(m.name for m in config.models))
             return config
+
+    def _rejected(self, why: str) -> ReloadError:
+        self.metrics.reloads.labels("rejected").inc()
+        event(log, logging.ERROR, "config reload rejected, still serving the old config",
+              path=str(self.config_path), error=why)
+        return ReloadError(why)
 
     def reload_in_background(self) -> None:
         """Reload without a caller to answer (SIGHUP); a rejected file is logged."""
@@ -73,8 +90,8 @@ class Reloader:
         async def run() -> None:
             try:
                 await self.reload()
-            except ReloadError as exc:
-                log.error("config reload rejected, still serving the old config:\n%s", exc)
+            except ReloadError:
+                pass  # already logged and counted
 
         self._track(run())
 

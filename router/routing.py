@@ -11,7 +11,7 @@ from typing import Literal
 
 from router.config import Config, ModelConfig
 from router.controller import ShareController
-from router.errors import ModelNotFound
+from router.errors import ModelNotAllowed, ModelNotFound
 
 __all__ = ["Decision", "Reason", "Router"]
 
@@ -37,6 +37,9 @@ class Router:
         self._students = config.students
         self._teacher = config.teacher
         self._chars_per_token = config.routing.chars_per_token
+        listed = config.routing.pinnable_models
+        self._pinnable: frozenset[str] | None = None if listed is None else frozenset(listed)
+        self._pinnable_by_key = {k: frozenset(v) for k, v in config.auth.pinning.items()}
         self.controller = ShareController(
             config.routing, {m.name: m.max_score for m in self._students if m.max_score is not None}
         )
@@ -51,17 +54,29 @@ class Router:
             return False
         return requested == self.config.routing.alias
 
+    def _check_pin(self, model: ModelConfig, key_name: str | None, param: str) -> None:
+        allowed = self._pinnable_by_key.get(key_name, self._pinnable) if key_name else self._pinnable
+        if allowed is not None and model.name not in allowed:
+            raise ModelNotAllowed(
+                f"This API key may not choose the model `{model.name}`; "
+                f"send `{self.config.routing.alias}` and let the gateway route.",
+                param=param,
+            )
+
     def decide(
         self,
         requested: str,
         override: str | None,
         score: float | None,
         needed_tokens: int,
+        key_name: str | None = None,
     ) -> Decision:
         """Pick the model for one request.
 
         `needed_tokens` is the estimated prompt size plus the completion budget the
         client asked for; a student whose `context_window` is smaller is skipped.
+        Naming a model directly (pin or override header) is subject to
+        `routing.pinnable_models` and the caller's `auth.pinning` entry.
         """
         if override is not None and self.config.routing.allow_override_header:
             model = self._by_name.get(override)
@@ -70,6 +85,7 @@ class Router:
                     f"The model `{override}` named by the x-triage-route header does not exist.",
                     param="x-triage-route",
                 )
+            self._check_pin(model, key_name, "x-triage-route")
             return Decision(model, "override", score)
         if requested != self.config.routing.alias:
             model = self._by_name.get(requested)
@@ -79,6 +95,7 @@ class Router:
                     "or one of the models listed at /v1/models.",
                     param="model",
                 )
+            self._check_pin(model, key_name, "model")
             return Decision(model, "pinned", score)
         assert score is not None, "auto routing needs a score"
         skipped = False

@@ -9,12 +9,13 @@ a failure ends the client's stream with an OpenAI-shaped error event.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from router.accounting import Usage, usage_from_body
 from router.config import ModelConfig
@@ -108,7 +109,22 @@ class _Held:
 
 
 class GatewayStream(StreamingResponse):
-    """A stream whose pump holds its gateway in use (`Gateway.active`) until it ends."""
+    """A stream whose pump holds its gateway and admission slot (`Gateway.enter`) until it ends.
+
+    When the client leaves before the first byte is sent, the pump never starts
+    and its cleanup never runs; `__call__` then closes the upstream stream,
+    counts the request and releases the slot itself.
+    """
+
+    started = False
+    abandon: Callable[[], Awaitable[None]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.started and self.abandon is not None:
+                await self.abandon()
 
 
 # An event as received and the JSON it carries (None for `[DONE]`).
@@ -148,12 +164,22 @@ async def stream_attempt(
         ex.upstream_s += time.perf_counter() - t
     headers = ex.headers(model, reason)
     headers["cache-control"] = "no-cache"
-    return GatewayStream(
+    response = GatewayStream(
         _pump(ex, stream, held, model, reason),
         media_type="text/event-stream",
         headers=headers,
         background=BackgroundTask(stream.aclose),
     )
+
+    async def abandon() -> None:
+        await stream.aclose()
+        ex.gateway.metrics.client_disconnects.labels(model.name).inc()
+        ex.finish(model.name, reason, 499, answered=False, note="client_disconnected")
+        ex.gateway.leave()
+
+    response.abandon = abandon
+    ex.response = response
+    return response
 
 
 async def _hold_back(ex: Exchange, stream: SSEStream, model: ModelConfig, held: list[_Event]) -> None:
@@ -192,6 +218,8 @@ async def _pump(
     ex: Exchange, stream: SSEStream, held: list[_Event], model: ModelConfig, reason: str
 ) -> AsyncIterator[bytes]:
     gw = ex.gateway
+    if ex.response is not None:
+        ex.response.started = True
     usage: Usage | None = None
     events = 0
     status = 200
@@ -257,7 +285,7 @@ async def _pump(
         )
         gw.metrics.upstream_duration.labels(model.name).observe(ex.upstream_s)
         ex.finish(model.name, reason, status)
-        gw.active -= 1
+        gw.leave()
 
 
 def _error_event(message: str, type_: str) -> bytes:
