@@ -72,6 +72,10 @@ class ServerConfig(_Strict):
         description="A connection must deliver a whole request head within this long of opening "
         "(or of its previous response); otherwise it is closed.",
     )
+    body_timeout_s: float = Field(
+        30.0, gt=0,
+        description="A request body must arrive in full within this long of its head; otherwise 408.",
+    )
     max_connections: int | None = Field(
         None, gt=0,
         description="Open client connections; past it the oldest idle one is closed, or the new one "

@@ -2,7 +2,8 @@
 
     GatewayError                    500 internal_error
     ├── InvalidRequest              400 invalid_request_error
-    │   └── BodyTooLarge            413 invalid_request_error
+    │   ├── BodyTooLarge            413 invalid_request_error
+    │   └── BodyTimeout             408 invalid_request_error / request_timeout
     ├── AuthError                   401 invalid_request_error / invalid_api_key
     ├── RateLimited                 429 rate_limit_error / the limit's name
     ├── ModelNotFound               404 invalid_request_error / model_not_found
@@ -28,6 +29,7 @@ import orjson
 
 __all__ = [
     "AuthError",
+    "BodyTimeout",
     "BodyTooLarge",
     "GatewayError",
     "InvalidRequest",
@@ -80,6 +82,13 @@ class BodyTooLarge(InvalidRequest):
 
     status_code = 413
     code = "request_too_large"
+
+
+class BodyTimeout(InvalidRequest):
+    """The request body did not arrive within `server.body_timeout_s`."""
+
+    status_code = 408
+    code = "request_timeout"
 
 
 class AuthError(GatewayError):

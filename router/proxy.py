@@ -30,6 +30,7 @@ from router.accounting import usage_from_body
 from router.auth import retry_after_header
 from router.config import ModelConfig
 from router.errors import (
+    BodyTimeout,
     BodyTooLarge,
     GatewayError,
     InvalidRequest,
@@ -65,17 +66,22 @@ CLIENT_GONE = "triage.client_gone"
 _EXCHANGE = "triage.exchange"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
-        chunks.append(chunk)
+    try:
+        # A body trickled in byte by byte would otherwise hold its admission slot forever.
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(f"The request body did not arrive within {timeout_s:g} s.") from None
     return b"".join(chunks)
 
 
@@ -216,7 +222,7 @@ async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response
             except RateLimited as exc:
                 gw.metrics.rate_limited.labels(key.name, str(exc.code)).inc()
                 raise
-        body = await _read_body(request, config.server.max_body_bytes)
+        body = await _read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
         payload = _parse(body, endpoint)
         text, chars = _prompt(payload, endpoint)
         requested: str = payload["model"]

@@ -226,3 +226,23 @@ def test_reload_of_a_broken_file_is_a_400(
         assert registry.get_sample_value("triage_config_reloads_total", {"result": "rejected"}) == 1
         ok = httpx.post(url + "/v1/chat/completions", json={"model": "auto", "messages": [EASY]})
         assert ok.status_code == 200  # the old config keeps serving
+
+
+def test_a_body_that_never_completes_gets_408(
+    upstreams: Upstreams, make_gateway: GatewayFactory
+) -> None:
+    raw = base_config(upstreams.urls)
+    raw["server"] = {"body_timeout_s": 0.5}
+    with make_gateway(raw) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                         b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"")
+            sock.settimeout(5)
+            started = time.monotonic()
+            answer = sock.recv(65536)
+            assert time.monotonic() - started < 3
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"request_timeout" in answer
+        assert gw.metric("triage_rejected_requests_total", {"code": "408"}) == 1
+        assert gw.metric("triage_admitted_requests") == 0
