@@ -33,20 +33,26 @@ EVENTS = logging.getLogger("triage")
 LogFormat = Literal["plain", "json"]
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def _timestamp(record: logging.LogRecord) -> str:
+    # strftime once a second: the access log writes a line per request.
     secs = int(record.created)
-    millis = int((record.created - secs) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{millis:03d}Z"
+    if secs != _second[0]:
+        _second[0], _second[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    return f"{_second[1]}.{int((record.created - secs) * 1000):03d}Z"
 
 
 def _plain_value(value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    text = str(value)
-    # Quote anything a reader could mistake for a field boundary.
-    return orjson.dumps(text).decode() if (" " in text or "=" in text or not text) else text
+    if value.__class__ is str:
+        # Quote anything a reader could mistake for a field boundary.
+        if " " in value or "=" in value or "\n" in value or not value:
+            return orjson.dumps(value).decode()
+        return value  # type: ignore[no-any-return]
+    return str(value)
 
 
 class PlainFormatter(logging.Formatter):
@@ -87,6 +93,10 @@ def configure(fmt: LogFormat, level: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Facts no line prints; skipping them makes each record cheaper to build.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     for name in ("uvicorn", "uvicorn.error"):
         # uvicorn installs its own handlers when it starts unless told not to; ours format
         # its lines the same way as the gateway's.
@@ -97,4 +107,8 @@ def configure(fmt: LogFormat, level: str) -> None:
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
     """Log one event with structured fields (skipped cheaply when the level is off)."""
     if logger.isEnabledFor(level):
-        logger.log(level, message, extra={"fields": fields})
+        # makeRecord + handle is what Logger.log does, minus the stack walk that finds
+        # the caller's file and line, which no line prints.
+        record = logger.makeRecord(logger.name, level, "", 0, message, (), None)
+        record.fields = fields
+        logger.handle(record)
