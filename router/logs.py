@@ -51,7 +51,7 @@ def _plain_value(value: Any) -> str:
         # Quote anything a reader could mistake for a field boundary.
         if " " in value or "=" in value or "\n" in value or not value:
             return orjson.dumps(value).decode()
-        return value  # type: ignore[no-any-return]
+        return value
     return str(value)
 
 
