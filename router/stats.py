@@ -10,13 +10,15 @@ All numbers are totals since the gateway started.
 from __future__ import annotations
 
 import argparse
+import http.client
 import math
 import sys
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import httpx2 as httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 _STATUS_CLASSES = ("2xx", "4xx", "5xx")
+
 
 class StatsError(Exception):
     """The gateway could not be read, or what it returned is not Triage metrics."""
@@ -172,8 +175,7 @@ def _find_teacher(snap: Snapshot, explicit: str | None, models: Iterable[str]) -
     cost = snap.by("triage_cost_usd_total", "model")
     equiv = snap.by("triage_teacher_equivalent_cost_usd_total", "model")
     matches = [
-        m for m in models
-        if equiv.get(m, 0.0) > 0 and math.isclose(cost.get(m, 0.0), equiv[m], rel_tol=1e-9)
+        m for m in models if equiv.get(m, 0.0) > 0 and math.isclose(cost.get(m, 0.0), equiv[m], rel_tol=1e-9)
     ]
     return matches[0] if len(matches) == 1 else None
 
@@ -190,24 +192,32 @@ def summarize(snap: Snapshot, teacher: str | None = None) -> Summary:
     names = list(requests)
     rows = []
     for name in names:
-        rows.append(ModelRow(
-            name=name,
-            requests=requests[name],
-            by_status={c: snap.total("triage_requests_total", model=name, status_class=c)
-                       for c in _STATUS_CLASSES},
-            cost=snap.total("triage_cost_usd_total", model=name),
-            teacher_equivalent=snap.total("triage_teacher_equivalent_cost_usd_total", model=name),
-            prompt_tokens=snap.total("triage_prompt_tokens_total", model=name),
-            completion_tokens=snap.total("triage_completion_tokens_total", model=name),
-            latency_p50=histogram_quantile(
-                0.5, snap.buckets("triage_request_duration_seconds", model=name)),
-            latency_p95=histogram_quantile(
-                0.95, snap.buckets("triage_request_duration_seconds", model=name)),
-            ttft_p50=histogram_quantile(
-                0.5, snap.buckets("triage_time_to_first_token_seconds", model=name)),
-            ttft_p95=histogram_quantile(
-                0.95, snap.buckets("triage_time_to_first_token_seconds", model=name)),
-        ))
+        rows.append(
+            ModelRow(
+                name=name,
+                requests=requests[name],
+                by_status={
+                    c: snap.total("triage_requests_total", model=name, status_class=c)
+                    for c in _STATUS_CLASSES
+                },
+                cost=snap.total("triage_cost_usd_total", model=name),
+                teacher_equivalent=snap.total("triage_teacher_equivalent_cost_usd_total", model=name),
+                prompt_tokens=snap.total("triage_prompt_tokens_total", model=name),
+                completion_tokens=snap.total("triage_completion_tokens_total", model=name),
+                latency_p50=histogram_quantile(
+                    0.5, snap.buckets("triage_request_duration_seconds", model=name)
+                ),
+                latency_p95=histogram_quantile(
+                    0.95, snap.buckets("triage_request_duration_seconds", model=name)
+                ),
+                ttft_p50=histogram_quantile(
+                    0.5, snap.buckets("triage_time_to_first_token_seconds", model=name)
+                ),
+                ttft_p95=histogram_quantile(
+                    0.95, snap.buckets("triage_time_to_first_token_seconds", model=name)
+                ),
+            )
+        )
     who = _find_teacher(snap, teacher, names)
     total = sum(requests.values())
     share = share_cls = None
@@ -274,11 +284,15 @@ def _grouped(counts: Mapping[tuple[str, str], float], key: int) -> dict[str, flo
 
 def render(s: Summary, url: str) -> str:
     """The text report."""
-    lines = [f"Triage at {url}"
-             + (f"  (version {s.version}, config {s.config_hash})" if s.version else ""), ""]
+    lines = [
+        f"Triage at {url}" + (f"  (version {s.version}, config {s.config_hash})" if s.version else ""),
+        "",
+    ]
     width = max([len("model"), *(len(m.name) for m in s.models)]) + 2
-    lines.append(f"{'model':<{width}}{'requests':>9}{'share':>8}{'2xx':>7}{'4xx':>6}{'5xx':>6}"
-                 f"{'spend':>12}{'teacher-only':>14}")
+    lines.append(
+        f"{'model':<{width}}{'requests':>9}{'share':>8}{'2xx':>7}{'4xx':>6}{'5xx':>6}"
+        f"{'spend':>12}{'teacher-only':>14}"
+    )
     for m in s.models:
         share = m.requests / s.requests if s.requests else None
         role = " (teacher)" if m.name == s.teacher else ""
@@ -289,16 +303,19 @@ def render(s: Summary, url: str) -> str:
         )
     lines.append(
         f"{'all':<{width}}{s.requests:>9.0f}{_pct(1.0 if s.requests else None):>8}"
-        + "".join(f"{sum(m.by_status[c] for m in s.models):>{7 if c == '2xx' else 6}.0f}"
-                  for c in _STATUS_CLASSES)
+        + "".join(
+            f"{sum(m.by_status[c] for m in s.models):>{7 if c == '2xx' else 6}.0f}" for c in _STATUS_CLASSES
+        )
         + f"{_usd(s.cost):>12}{_usd(s.teacher_equivalent):>14}"
     )
     lines.append("")
     if s.student_share is None:
         share_line = "unknown (pass --teacher NAME)" if s.requests else "-"
     else:
-        share_line = (f"{_pct(s.student_share)} of all requests, "
-                      f"{_pct(s.student_share_classifier)} of classifier-routed")
+        share_line = (
+            f"{_pct(s.student_share)} of all requests, "
+            f"{_pct(s.student_share_classifier)} of classifier-routed"
+        )
     if s.share_target is not None:
         share_line += f"; target {_pct(s.share_target)}, controller window {_pct(s.share_window)}"
     lines.append(f"Student share     {share_line}")
@@ -311,16 +328,20 @@ def render(s: Summary, url: str) -> str:
     lines.append("")
     fb_total = sum(s.fallbacks.values())
     by_reason = ", ".join(f"{r} {n:.0f}" for r, n in _grouped(s.fallbacks, 1).items())
-    lines.append(f"Fallbacks         {fb_total:.0f}" + (f" ({by_reason})" if by_reason else "")
-                 + (f" = {_pct(fb_total / s.requests)} of requests" if s.requests else ""))
+    lines.append(
+        f"Fallbacks         {fb_total:.0f}"
+        + (f" ({by_reason})" if by_reason else "")
+        + (f" = {_pct(fb_total / s.requests)} of requests" if s.requests else "")
+    )
     errs = ", ".join(f"{m} {t} {n:.0f}" for (m, t), n in sorted(s.upstream_errors.items()))
-    lines.append(f"Upstream errors   {sum(s.upstream_errors.values()):.0f}"
-                 + (f" ({errs})" if errs else ""))
+    lines.append(f"Upstream errors   {sum(s.upstream_errors.values()):.0f}" + (f" ({errs})" if errs else ""))
     lines.append("")
     lines.append(f"{'latency (s)':<{width}}{'p50':>8}{'p95':>8}{'TTFT p50':>10}{'TTFT p95':>10}")
     for m in s.models:
-        lines.append(f"{m.name:<{width}}{_secs(m.latency_p50):>8}{_secs(m.latency_p95):>8}"
-                     f"{_secs(m.ttft_p50):>10}{_secs(m.ttft_p95):>10}")
+        lines.append(
+            f"{m.name:<{width}}{_secs(m.latency_p50):>8}{_secs(m.latency_p95):>8}"
+            f"{_secs(m.ttft_p50):>10}{_secs(m.ttft_p95):>10}"
+        )
     lines.append(f"Gateway overhead  p50 {_ms(s.overhead_p50)}, p99 {_ms(s.overhead_p99)}")
     lines.append("Quantiles are estimated from histogram buckets; totals are since the gateway started.")
     return "\n".join(lines) + "\n"
@@ -329,14 +350,23 @@ def render(s: Summary, url: str) -> str:
 def fetch(url: str, timeout_s: float = 5.0) -> Snapshot:
     """Scrape `<url>/metrics`; raise `StatsError` when it cannot be read."""
     target = url.rstrip("/") + "/metrics"
+    if not target.startswith(("http://", "https://")):
+        raise StatsError(f"{url} is not an http:// or https:// URL")
+    # The standard library's client: `triage` must run on the runtime dependencies alone
+    # (the test extra's HTTP client is not one of them), and one GET needs no pool.
     try:
-        resp = httpx.get(target, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        raise StatsError(f"cannot reach {target}: {exc or type(exc).__name__}") from None
-    if resp.status_code != 200:
-        raise StatsError(f"{target} answered HTTP {resp.status_code}")
+        with urllib.request.urlopen(target, timeout=timeout_s) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise StatsError(f"{target} answered HTTP {exc.code}") from None
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise StatsError(f"cannot reach {target}: {reason or type(exc).__name__}") from None
+    if status != 200:
+        raise StatsError(f"{target} answered HTTP {status}")
     try:
-        return Snapshot.from_text(resp.text)
+        return Snapshot.from_text(body.decode("utf-8", errors="replace"))
     except ValueError as exc:
         raise StatsError(f"{target} did not return Prometheus metrics: {exc}") from None
 
