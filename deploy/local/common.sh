@@ -23,10 +23,18 @@ TEACHER_TEMPLATE="$TRIAGE_LOCAL_DIR/gemma3-chat.jinja"
 
 STUDENT_MODEL_NAME="smollm2-135m-instruct"
 TEACHER_MODEL_NAME="gemma3-270m"
-STUDENT_PORT="${TRIAGE_STUDENT_PORT:-8001}"
-TEACHER_PORT="${TRIAGE_TEACHER_PORT:-8002}"
 LOCAL_CTX_SIZE="${TRIAGE_LOCAL_CTX_SIZE:-4096}"
 LOCAL_PARALLEL="${TRIAGE_LOCAL_PARALLEL:-2}"
+# Tokens a local model generates when the request sets no max_tokens. llama-server's own default
+# is -1, "until the context is full": the teacher stand-in once looped for 4,096 tokens (104 s).
+# A request's max_tokens still takes priority (llama-server's `--n-predict`).
+LOCAL_N_PREDICT="${TRIAGE_LOCAL_N_PREDICT:-256}"
+
+# The gateway config is the one source of truth for the local ports: the student and teacher
+# servers listen where its endpoints point. A relative TRIAGE_CONFIG is taken from the caller's
+# directory.
+TRIAGE_CONFIG_FILE="${TRIAGE_CONFIG:-$TRIAGE_REPO_ROOT/config.yaml}"
+[[ "$TRIAGE_CONFIG_FILE" == /* ]] || TRIAGE_CONFIG_FILE="$PWD/$TRIAGE_CONFIG_FILE"
 
 RUN_DIR="${TRIAGE_RUN_DIR:-$TRIAGE_CACHE_DIR/run}"
 # Threads per server: both servers together leave a core for the gateway. On a busy 2-core
@@ -46,4 +54,52 @@ triage_python() {
     else
         command -v python3 || command -v python || triage_die "no python found"
     fi
+}
+
+# The triage CLI up.sh runs: the project venv's, else one on PATH. Fails when there is none.
+triage_cli() {
+    if [[ -x "$TRIAGE_REPO_ROOT/.venv/bin/triage" ]]; then
+        printf '%s\n' "$TRIAGE_REPO_ROOT/.venv/bin/triage"
+    else
+        command -v triage
+    fi
+}
+
+# One line per role read from TRIAGE_CONFIG_FILE: "student PORT", "teacher PORT", or
+# "ROLE - URL" when that role's first endpoint is not a plain http://127.0.0.1:PORT (or
+# localhost) URL, i.e. not a server these scripts can start. Ends with "gateway PORT"
+# (server.port). Exits non-zero, with the reason on stderr, when the config cannot be read.
+triage_config_ports() {
+    "$(triage_python)" - "$TRIAGE_CONFIG_FILE" <<'PY'
+import sys
+import urllib.parse
+
+try:
+    import yaml
+except ImportError:
+    sys.exit(f"{sys.executable} has no PyYAML: install the project first (.venv/bin/pip install -e .)")
+path = sys.argv[1]
+try:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+except OSError as exc:
+    sys.exit(f"cannot read the config {path}: {exc.strerror}")
+except yaml.YAMLError as exc:
+    sys.exit(f"{path} is not valid YAML: {exc}")
+models = raw.get("models") if isinstance(raw, dict) else None
+for role in ("student", "teacher"):
+    model = next((m for m in models or [] if isinstance(m, dict) and m.get("role") == role), None)
+    endpoints = (model or {}).get("endpoints") or []
+    if not endpoints:
+        sys.exit(f"{path}: no {role} model with endpoints")
+    url = urllib.parse.urlsplit(str(endpoints[0]))
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    local = url.scheme == "http" and url.hostname in ("127.0.0.1", "localhost") and port
+    print(role, port if local else "-", endpoints[0])
+server = raw.get("server") or {}
+print("gateway", server.get("port", 8080), "-")
+PY
 }
