@@ -9,7 +9,7 @@ teacher-only deployment would have made exactly one call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from router.config import Config
 from router.metrics import Metrics
@@ -34,13 +34,19 @@ def _usage(obj: Any) -> Usage | None:
         return None
     prompt = usage.get("prompt_tokens")
     completion = usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return Usage(max(prompt, 0), max(completion, 0))
+    if _count(prompt) and _count(completion):
+        return Usage(max(prompt, 0), max(completion, 0))
+    return None
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    # A bool is not a token count, and a count past 2**53 is not a real one (and
+    # would lose precision, or overflow, in the float cost arithmetic).
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
 
 
 def usage_from_body(parsed: Any) -> Usage | None:
-    """`usage` of a parsed answer or stream chunk, when it carries one."""
+    """`usage` of a parsed answer or stream chunk, when it carries one (any JSON is safe here)."""
     return _usage(parsed)
 
 

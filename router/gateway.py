@@ -56,7 +56,7 @@ class Gateway:
         self.pools = {
             m.name: ModelPool(
                 m, routing.endpoint_cooldown_s, routing.breaker_failures,
-                self._circuit_callback(m.name),
+                self._circuit_callback(m.name), metrics=metrics,
             )
             for m in config.models
         }

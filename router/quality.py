@@ -41,20 +41,25 @@ class Answer:
     complete: bool = True  # False for a held-back prefix of a stream
 
 
-def answer_from_body(parsed: Mapping[str, Any]) -> Answer:
-    """The first choice of a non-streaming chat or text completion."""
-    choices = parsed.get("choices") or []
-    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+def answer_from_body(parsed: Any) -> Answer:
+    """The first choice of a non-streaming chat or text completion.
+
+    Any JSON is safe here: a field of the wrong type reads as absent.
+    """
+    choices = parsed.get("choices") if isinstance(parsed, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    choice: dict[str, Any] = first if isinstance(first, dict) else {}
     message = choice.get("message")
     if isinstance(message, dict):
-        text = message.get("content") or ""
-        calls = message.get("tool_calls") or []
+        text = message.get("content")
+        calls = message.get("tool_calls")
     else:
-        text = choice.get("text") or ""
-        calls = []
+        text = choice.get("text")
+        calls = None
+    finish = choice.get("finish_reason")
     return Answer(
         text=text if isinstance(text, str) else "",
-        finish_reason=choice.get("finish_reason"),
+        finish_reason=finish if isinstance(finish, str) else None,
         tool_calls=calls if isinstance(calls, list) else [],
         logprobs=_logprobs(choice.get("logprobs")),
     )
@@ -65,14 +70,15 @@ def _logprobs(obj: Any) -> list[float]:
         return []
     content = obj.get("content")
     if isinstance(content, list):  # chat
-        return [
-            t["logprob"] for t in content
-            if isinstance(t, dict) and isinstance(t.get("logprob"), float | int)
-        ]
-    tokens = obj.get("token_logprobs")  # legacy completions
-    if isinstance(tokens, list):
-        return [float(v) for v in tokens if isinstance(v, float | int)]
-    return []
+        values = [t.get("logprob") for t in content if isinstance(t, dict)]
+    else:
+        tokens = obj.get("token_logprobs")  # legacy completions
+        values = tokens if isinstance(tokens, list) else []
+    # (a bool is not a logprob; an int past float range would overflow the mean)
+    return [
+        float(v) for v in values
+        if isinstance(v, float | int) and not isinstance(v, bool) and abs(v) < 1e300
+    ]
 
 
 def wants_json(payload: Mapping[str, Any]) -> tuple[bool, Mapping[str, Any] | None]:

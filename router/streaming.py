@@ -22,7 +22,8 @@ from router.config import ModelConfig
 from router.errors import UpstreamError, UpstreamUnavailable, error_body
 from router.exchange import Exchange
 from router.quality import Answer, check_answer
-from router.upstream import ModelPool, SSEStream
+from router.sse import SSEStream
+from router.upstream import ModelPool
 
 __all__ = ["GatewayStream", "stream_attempt"]
 
@@ -30,7 +31,7 @@ _FIELDS = (b"event:", b"id:", b"retry:", b":")
 
 
 class _Malformed(Exception):
-    """An event that is not well-formed SSE carrying JSON (or `[DONE]`)."""
+    """An event that is not well-formed SSE carrying a completion chunk (or `[DONE]`)."""
 
 
 def _decode(event: bytes) -> Any:
@@ -39,6 +40,7 @@ def _decode(event: bytes) -> Any:
     Every event is decoded once, here, and the result serves the integrity
     check, usage accounting, the quality checks and logprob stripping; a
     corrupted stream is thereby reported as an error instead of passed on.
+    JSON of the wrong shape (see `_well_shaped`) is as malformed as broken JSON.
     """
     data: list[bytes] = []
     for line in event.split(b"\n"):
@@ -54,9 +56,64 @@ def _decode(event: bytes) -> Any:
     if payload == b"[DONE]":
         return None
     try:
-        return orjson.loads(payload)
+        obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
         raise _Malformed from None
+    if not _well_shaped(obj):
+        raise _Malformed
+    return obj
+
+
+def _optional(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return value is None or isinstance(value, kind)
+
+
+def _well_shaped(obj: Any) -> bool:
+    """Whether a chunk has the types the gateway reads: an object whose `choices` is a
+    list of objects with a dict `delta`, string `text`/`finish_reason`/`content`, dict
+    `logprobs`, a list of tool-call objects; a dict `usage`. An `error` object passes as is.
+    """
+    if not isinstance(obj, dict):
+        return False
+    if "error" in obj:
+        return True
+    if not _optional(obj.get("usage"), dict):
+        return False
+    choices = obj.get("choices")
+    if choices is None:
+        return True
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        delta = choice.get("delta")
+        if not (_optional(delta, dict) and _optional(choice.get("text"), str)
+                and _optional(choice.get("finish_reason"), str)
+                and _optional(choice.get("logprobs"), dict)):
+            return False
+        if delta is not None and not (
+            _optional(delta.get("content"), str) and _tool_calls_shaped(delta.get("tool_calls"))
+        ):
+            return False
+    return True
+
+
+def _tool_calls_shaped(calls: Any) -> bool:
+    if calls is None:
+        return True
+    if not isinstance(calls, list):
+        return False
+    for call in calls:
+        if not isinstance(call, dict):
+            return False
+        index = call.get("index")
+        fn = call.get("function")
+        if not _optional(index, int) or isinstance(index, bool) or not _optional(fn, dict):
+            return False
+        if fn is not None and not (_optional(fn.get("name"), str) and _optional(fn.get("arguments"), str)):
+            return False
+    return True
 
 
 def _is_error(obj: Any) -> bool:
@@ -74,8 +131,9 @@ class _Held:
         self.events = 0
 
     def feed(self, obj: Any) -> None:
+        """Add one decoded event; any JSON is safe here, whatever its shape."""
         choices = obj.get("choices") if isinstance(obj, dict) else None
-        if not choices or not isinstance(choices[0], dict):
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return
         self.events += 1
         choice = choices[0]
@@ -83,25 +141,30 @@ class _Held:
         piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
         if isinstance(piece, str):
             self.text.append(piece)
-        if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
+        finish = choice.get("finish_reason")
+        if finish and isinstance(finish, str):
+            self.finish_reason = finish
         lp = choice.get("logprobs")
         if isinstance(lp, dict) and isinstance(lp.get("content"), list):
-            self.logprobs.extend(
-                t["logprob"] for t in lp["content"]
-                if isinstance(t, dict) and isinstance(t.get("logprob"), float | int)
-            )
+            for t in lp["content"]:
+                value = t.get("logprob") if isinstance(t, dict) else None
+                if isinstance(value, float | int) and not isinstance(value, bool) and abs(value) < 1e300:
+                    self.logprobs.append(float(value))
         if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
             for call in delta["tool_calls"]:
                 if isinstance(call, dict):
                     self._tool_delta(call)
 
     def _tool_delta(self, call: dict[str, Any]) -> None:
-        slot = self.tools.setdefault(int(call.get("index") or 0), {"name": "", "arguments": ""})
+        index = call.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = 0
+        slot = self.tools.setdefault(index, {"name": "", "arguments": ""})
         fn = call.get("function")
         if isinstance(fn, dict):
-            slot["name"] += fn.get("name") or ""
-            slot["arguments"] += fn.get("arguments") or ""
+            for key in ("name", "arguments"):
+                if isinstance(fn.get(key), str):
+                    slot[key] += fn[key]
 
     def answer(self, complete: bool) -> Answer:
         calls = [{"function": t} for t in self.tools.values()] if complete else []

@@ -3,27 +3,43 @@
 Each endpoint has a circuit breaker (`router/breaker.py`); round-robin skips
 endpoints whose breaker is open, and a model whose endpoints are all open
 fails fast so the request can move on to the teacher.
+
+A model's requests take one of its `max_connections` slots before they are sent
+and keep it until their answer is read (a stream: until it is closed). Waiting
+for a slot is the gateway's own queue, not an upstream failure: it is measured
+(`triage_upstream_pool_connections{state="waiting"}`), it never counts against
+a breaker, and after `pool_timeout_s` it ends in 503 `overloaded`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+from prometheus_client import Gauge
 
 from router.breaker import Breaker, State
 from router.config import ModelConfig, resolve_api_key
-from router.errors import UpstreamStatus, UpstreamUnavailable, map_upstream_errors
+from router.errors import Overloaded, UpstreamStatus, UpstreamUnavailable, map_upstream_errors
+from router.metrics import Metrics
+from router.sse import SSEStream, UpstreamTooLarge
 
-__all__ = ["Endpoint", "ModelPool", "SSEStream", "UpstreamReply"]
+__all__ = ["Endpoint", "ModelPool", "SSEStream", "UpstreamRedirect", "UpstreamReply", "UpstreamTooLarge"]
 
 # Response headers worth passing to the client; hop-by-hop and framing headers
 # are the gateway's own business.
-# No legitimate chunk of a completion stream comes near this.
-MAX_EVENT_BYTES = 4 * 1024 * 1024
-
 PASS_HEADERS = ("retry-after", "openai-processing-ms", "x-ratelimit-remaining-requests")
+# Connections beyond the slots, for readiness probes, which take no slot.
+_PROBE_CONNECTIONS = 2
+
+
+class UpstreamRedirect(UpstreamUnavailable):
+    """The upstream answered 3xx. Never followed: the prompt would be re-sent to another host."""
+
+    kind = "redirect"
 
 
 @dataclass(slots=True)
@@ -43,85 +59,107 @@ class UpstreamReply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class SSEStream:
-    """A streaming upstream response split into whole server-sent events.
+class _Slots:
+    """At most `size` holders at once; the others wait in arrival order.
 
-    Events are yielded as raw bytes including the blank-line terminator, so the
-    client receives exactly what the upstream sent.
+    A released slot passes straight to the first live waiter. A waiter that is
+    cancelled or times out just as it is handed a slot keeps it (timeout) or
+    passes it on (cancellation), so no slot is ever lost.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, model: str) -> None:
-        self.response = response
-        self.model = model
-        self._content = response.content
-        self._buffer = b""
-        self.done = False  # saw `data: [DONE]`
+    def __init__(self, size: int, in_use: Gauge | None, waiting: Gauge | None) -> None:
+        self.size = size
+        self.in_use = 0
+        self.waiting = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._in_use_gauge = in_use
+        self._waiting_gauge = waiting
 
-    async def next_event(self) -> bytes | None:
-        """The next complete event, or None at the end of the body."""
-        while True:
-            cut = self._find_boundary()
-            if cut >= 0:
-                event, self._buffer = self._buffer[:cut], self._buffer[cut:].lstrip(b"\r\n")
-                if event.startswith((b"data: [DONE]", b"data:[DONE]")):
-                    self.done = True
-                return event + b"\n\n"
-            with map_upstream_errors(self.model):
-                chunk = await self._content.readany()
-                if not chunk:
-                    tail, self._buffer = self._buffer.strip(), b""
-                    if tail:
-                        if tail.startswith((b"data: [DONE]", b"data:[DONE]")):
-                            self.done = True
-                        return tail + b"\n\n"
-                    return None
-            self._buffer += chunk
-            if len(self._buffer) > MAX_EVENT_BYTES:
-                # A stream that never ends an event would otherwise grow without bound.
-                raise UpstreamUnavailable(
-                    f"model {self.model!r} sent a stream event over {MAX_EVENT_BYTES} bytes"
-                )
+    async def acquire(self, timeout_s: float | None) -> bool:
+        """Take a slot; wait up to `timeout_s` (None: not at all). False when none came free."""
+        waiters = self._waiters
+        while waiters and waiters[0].done():
+            waiters.popleft()  # cancelled waiters whose tasks have not run yet
+        if self.in_use < self.size and not waiters:
+            self._count(1, 0)
+            return True
+        if timeout_s is None:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        waiters.append(fut)
+        self._count(0, 1)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await fut
+        except TimeoutError:
+            return fut.done() and not fut.cancelled()  # handed a slot as time ran out: keep it
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()
+            raise
+        finally:
+            self._count(0, -1)
+            if not fut.done():
+                fut.cancel()
+            try:
+                waiters.remove(fut)
+            except ValueError:
+                pass
+        return True
 
-    def buffered(self) -> bool:
-        """Whether a whole event is already here (the next `next_event` will not wait)."""
-        return self._find_boundary() >= 0
+    def release(self) -> None:
+        """Give a slot back: to the first live waiter, or to the free count."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._count(-1, 0)
 
-    def _find_boundary(self) -> int:
-        buf = self._buffer
-        i = buf.find(b"\n\n")
-        j = buf.find(b"\r\n\r\n")
-        if i < 0:
-            return j
-        if j < 0:
-            return i
-        return min(i, j)
+    def _count(self, in_use: int, waiting: int) -> None:
+        # Increments, not absolute values: after a reload the old and the new
+        # gateway's pools share the series until the old one drains.
+        if in_use:
+            self.in_use += in_use
+            if self._in_use_gauge is not None:
+                self._in_use_gauge.inc(in_use)
+        if waiting:
+            self.waiting += waiting
+            if self._waiting_gauge is not None:
+                self._waiting_gauge.inc(waiting)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while (event := await self.next_event()) is not None:
-            yield event
 
-    async def aclose(self) -> None:
-        """Release the connection back to the pool, or drop it when the body was not read to the end."""
-        if self.done or self._content.at_eof():
-            self.response.release()
-        else:
-            self.response.close()
+class _Lease:
+    """One held slot; `release` may be called any number of times."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: _Slots) -> None:
+        self._slots: _Slots | None = slots
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.release()
 
 
 class ModelPool:
     """The HTTP client and endpoints of one configured model."""
 
     def __init__(
-        self, model: ModelConfig, open_s: float, failure_threshold: int,
+        self,
+        model: ModelConfig,
+        open_s: float,
+        failure_threshold: int,
         on_change: Callable[[int, State], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model = model
         self.name = model.name
         self.endpoints = [
             Endpoint(
                 str(u).rstrip("/"),
-                Breaker(failure_threshold, open_s,
-                        None if on_change is None else _bind(on_change, i)),
+                Breaker(failure_threshold, open_s, None if on_change is None else _bind(on_change, i)),
             )
             for i, u in enumerate(model.endpoints)
         ]
@@ -131,10 +169,23 @@ class ModelPool:
         if key:
             headers["authorization"] = f"Bearer {key}"
         self._headers = headers
+        # `connect` would also cover the wait for a pooled connection, and a request
+        # queued behind busy ones would be reported as a timed-out upstream: only the
+        # TCP connect and each read are timed (a DNS lookup, by the request deadline).
+        # The queue is `_slots`, with its own limit and its own error.
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=model.connect_timeout_s, sock_read=model.read_timeout_s
+            total=None,
+            connect=None,
+            sock_connect=model.connect_timeout_s,
+            sock_read=model.read_timeout_s,
         )
         self._session: aiohttp.ClientSession | None = None
+        self._slots = _Slots(
+            model.max_connections,
+            None if metrics is None else metrics.pool_connections.labels(model.name, "in_use"),
+            None if metrics is None else metrics.pool_connections.labels(model.name, "waiting"),
+        )
+        self._pool_timeouts = None if metrics is None else metrics.pool_timeouts.labels(model.name)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -144,7 +195,8 @@ class ModelPool:
                 headers=self._headers,
                 timeout=self._timeout,
                 connector=aiohttp.TCPConnector(
-                    limit=self.model.max_connections,
+                    # Every request holds a slot first, so the slots are the only queue.
+                    limit=self.model.max_connections + _PROBE_CONNECTIONS,
                     keepalive_timeout=self.model.keepalive_timeout_s,
                 ),
                 # Never read proxy settings or netrc from the environment: upstream
@@ -177,42 +229,121 @@ class ModelPool:
         """Give back a claim that ended without a verdict."""
         self.endpoints[idx].breaker.release()
 
-    async def post(self, idx: int, path: str, body: bytes, request_id: str) -> UpstreamReply:
-        """POST and read the whole answer; raise a gateway error on transport or status failure."""
-        url = self.endpoints[idx].base_url + path
-        with map_upstream_errors(self.name):
-            async with self.session.post(url, data=body, headers={"x-request-id": request_id}) as resp:
-                content = await resp.read()
+    @property
+    def in_use(self) -> int:
+        """Requests holding a connection slot now."""
+        return self._slots.in_use
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a connection slot now."""
+        return self._slots.waiting
+
+    async def _lease(self, wait: bool) -> _Lease:
+        timeout_s = self.model.pool_timeout_s
+        if not await self._slots.acquire(timeout_s if wait else None):
+            if wait and self._pool_timeouts is not None:
+                self._pool_timeouts.inc()
+            raise Overloaded(
+                f"model {self.name!r} has no free connection"
+                + (f" after {timeout_s:g} s" if wait else "")
+                + "; retry shortly.",
+                retry_after_s=1.0,
+            )
+        return _Lease(self._slots)
+
+    async def post(
+        self, idx: int, path: str, body: bytes, request_id: str, *, wait: bool = True
+    ) -> UpstreamReply:
+        """POST and read the whole answer; raise a gateway error on transport or status failure.
+
+        Raises Overloaded (not an upstream error) when no connection slot comes free
+        within `pool_timeout_s`, or at once when `wait` is False and none is free.
+        """
+        lease = await self._lease(wait)
+        try:
+            url = self.endpoints[idx].base_url + path
+            with map_upstream_errors(self.name):
+                async with self.session.post(
+                    url, data=body, headers={"x-request-id": request_id}, allow_redirects=False
+                ) as resp:
+                    self._check_redirect(resp)
+                    content = await self._read_body(resp)
+        finally:
+            lease.release()
         if resp.status >= 400:
             raise UpstreamStatus(resp.status, content, resp.headers.get("retry-after"))
         return UpstreamReply(resp.status, content, _pass_headers(resp))
 
     async def open_stream(self, idx: int, path: str, body: bytes, request_id: str) -> SSEStream:
-        """POST a streaming request and return its event stream once the status is 2xx."""
-        url = self.endpoints[idx].base_url + path
-        with map_upstream_errors(self.name):
-            resp = await self.session.post(url, data=body, headers={"x-request-id": request_id})
-        if resp.status >= 400:
-            try:
+        """POST a streaming request and return its event stream once the status is 2xx.
+
+        The stream holds a connection slot until its `aclose`.
+        """
+        lease = await self._lease(True)
+        try:
+            url = self.endpoints[idx].base_url + path
+            with map_upstream_errors(self.name):
+                resp = await self.session.post(
+                    url, data=body, headers={"x-request-id": request_id}, allow_redirects=False
+                )
+        except BaseException:
+            lease.release()
+            raise
+        try:
+            self._check_redirect(resp)
+            if resp.status >= 400:
                 with map_upstream_errors(self.name):
-                    content = await resp.read()
-            finally:
-                resp.release()
-            raise UpstreamStatus(resp.status, content, resp.headers.get("retry-after"))
-        ctype = resp.headers.get("content-type", "")
-        if "text/event-stream" not in ctype:
-            resp.close()
-            raise UpstreamUnavailable(
-                f"model {self.name!r} answered a stream with {ctype or 'no content type'}"
+                    content = await self._read_body(resp)
+                raise UpstreamStatus(resp.status, content, resp.headers.get("retry-after"))
+            ctype = resp.headers.get("content-type", "")
+            if "text/event-stream" not in ctype:
+                raise UpstreamUnavailable(
+                    f"model {self.name!r} answered a stream with {ctype or 'no content type'}"
+                )
+        except BaseException:
+            resp.release()  # keeps the connection only when its body was read to the end
+            lease.release()
+            raise
+        return SSEStream(resp, self.name, self.model.max_response_bytes, lease.release)
+
+    def _check_redirect(self, resp: aiohttp.ClientResponse) -> None:
+        if 300 <= resp.status < 400:
+            raise UpstreamRedirect(
+                f"model {self.name!r} answered with a redirect (HTTP {resp.status}), which is not followed"
             )
-        return SSEStream(resp, self.name)
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, refused once it passes `max_response_bytes` after decompression.
+
+        Compressed answers stay allowed (they save bandwidth on long ones), and stay
+        bounded: aiohttp 3.14 inflates incrementally, at most about one buffer
+        (64 KiB or the reader's low-water mark) per step, and takes more input only
+        as the reader drains it. So counting while reading stops a gzip bomb at
+        about the cap plus one chunk, where `resp.read()` would inflate all of it.
+        """
+        cap = self.model.max_response_bytes
+        declared = resp.content_length
+        if declared is not None and declared > cap:
+            raise self._too_large(cap)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > cap:
+                raise self._too_large(cap)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, cap: int) -> UpstreamTooLarge:
+        return UpstreamTooLarge(f"model {self.name!r} sent an answer over {cap} bytes")
 
     async def probe(self, timeout_s: float = 2.0) -> bool:
         """True when any endpoint answers HTTP at all (readiness: the server is up)."""
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         for ep in self.endpoints:
             try:
-                async with self.session.get(ep.base_url + "/models", timeout=timeout):
+                async with self.session.get(ep.base_url + "/models", timeout=timeout, allow_redirects=False):
                     return True
             except (aiohttp.ClientError, TimeoutError):
                 continue
