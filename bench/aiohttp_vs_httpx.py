@@ -80,7 +80,8 @@ async def _aiohttp_round(url: str, body: bytes, n_seq: int, n_conc: int, conc: i
 
     connector = aiohttp.TCPConnector(limit=200, limit_per_host=200, force_close=False)
     async with aiohttp.ClientSession(
-        connector=connector, headers={"content-type": "application/json"},
+        connector=connector,
+        headers={"content-type": "application/json"},
         timeout=aiohttp.ClientTimeout(total=None, connect=2.0, sock_read=120.0),
         trust_env=False,
     ) as session:
@@ -102,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stream", action="store_true", help="fetch the 43-event SSE body instead of JSON")
-    p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
-                   help="event loop (Triage runs uvloop)")
+    p.add_argument(
+        "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (Triage runs uvloop)"
+    )
     p.add_argument("--quick", action="store_true", help="1 round, 500 sequential, 2000 concurrent")
     a = p.parse_args(argv)
     if a.quick:
@@ -119,15 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     ncpu = len(os.sched_getaffinity(0))
     client_core = 1 if ncpu > 1 else 0
     print(f"machine: {machine()}")
-    print(f"cores: nginx on 0, this client process on {client_core}; loop {a.loop}; "
-          f"httpx2 {httpx2.__version__}, aiohttp {aiohttp.__version__}")
-    print(f"per round: {a.sequential} sequential + {a.concurrent} with {a.concurrency} in flight; "
-          f"{a.rounds} round(s), clients alternate; {'SSE' if a.stream else 'JSON'} upstream", flush=True)
+    print(
+        f"cores: nginx on 0, this client process on {client_core}; loop {a.loop}; "
+        f"httpx2 {httpx2.__version__}, aiohttp {aiohttp.__version__}"
+    )
+    print(
+        f"per round: {a.sequential} sequential + {a.concurrent} with {a.concurrency} in flight; "
+        f"{a.rounds} round(s), clients alternate; {'SSE' if a.stream else 'JSON'} upstream",
+        flush=True,
+    )
 
     body = chat_body("bench-student", stream=a.stream)
     runs: dict[str, list[list[Result]]] = {"httpx2": [], "aiohttp": []}
-    with tempfile.TemporaryDirectory(prefix="triage-clientbench-") as tmp, \
-            CannedUpstream(tools["nginx"], Path(tmp), "0") as nginx:
+    with (
+        tempfile.TemporaryDirectory(prefix="triage-clientbench-") as tmp,
+        CannedUpstream(tools["nginx"], Path(tmp), "0") as nginx,
+    ):
         os.sched_setaffinity(0, {client_core})
         url = (nginx.sse_url if a.stream else nginx.json_url) + "/v1/chat/completions"
         rounds = {"httpx2": _httpx_round, "aiohttp": _aiohttp_round}
@@ -140,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     res = asyncio.run(coro)
                 runs[name].append(res)
-                print(f"  round {r + 1} {name}: " + ", ".join(
-                    f"{x.requests / x.wall_s:.0f} rps" for x in res), flush=True)
+                print(
+                    f"  round {r + 1} {name}: " + ", ".join(f"{x.requests / x.wall_s:.0f} rps" for x in res),
+                    flush=True,
+                )
 
     print(f"\n{'client':>8} | {'pattern':>12} | {'req/s':>8} | {'CPU µs/req':>10} | {'wall µs/req':>11}")
     print("-" * 62)

@@ -72,33 +72,74 @@ def chat_body(model: str, *, stream: bool = False) -> bytes:
 
 def _completion_json() -> bytes:
     text = " ".join(_ANSWER_WORDS)
-    return orjson.dumps({
-        "id": "chatcmpl-bench0001", "object": "chat.completion", "created": 1767225600,
-        "model": "bench-upstream", "system_fingerprint": "fp_bench",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 78, "completion_tokens": len(_ANSWER_WORDS),
-                  "total_tokens": 78 + len(_ANSWER_WORDS)},
-    })
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-bench0001",
+            "object": "chat.completion",
+            "created": 1767225600,
+            "model": "bench-upstream",
+            "system_fingerprint": "fp_bench",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": 78,
+                "completion_tokens": len(_ANSWER_WORDS),
+                "total_tokens": 78 + len(_ANSWER_WORDS),
+            },
+        }
+    )
 
 
 def _sse_body() -> bytes:
     """Role chunk, one chunk per word, finish chunk, usage chunk, [DONE]."""
-    base = {"id": "chatcmpl-bench0001", "object": "chat.completion.chunk", "created": 1767225600,
-            "model": "bench-upstream", "system_fingerprint": "fp_bench"}
+    base = {
+        "id": "chatcmpl-bench0001",
+        "object": "chat.completion.chunk",
+        "created": 1767225600,
+        "model": "bench-upstream",
+        "system_fingerprint": "fp_bench",
+    }
     chunks: list[dict[str, object]] = [
-        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}]},
+        {
+            **base,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ],
+        },
     ]
     for i, word in enumerate(_ANSWER_WORDS):
         piece = word if i == 0 else " " + word
-        chunks.append({**base, "choices": [{"index": 0, "delta": {"content": piece},
-                                            "logprobs": None, "finish_reason": None}]})
-    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": "stop"}]})
-    chunks.append({**base, "choices": [], "usage": {
-        "prompt_tokens": 78, "completion_tokens": len(_ANSWER_WORDS),
-        "total_tokens": 78 + len(_ANSWER_WORDS)}})
+        chunks.append(
+            {
+                **base,
+                "choices": [
+                    {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
+                ],
+            }
+        )
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+    chunks.append(
+        {
+            **base,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 78,
+                "completion_tokens": len(_ANSWER_WORDS),
+                "total_tokens": 78 + len(_ANSWER_WORDS),
+            },
+        }
+    )
     events = [b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks]
     return b"".join(events) + b"data: [DONE]\n\n"
 
@@ -164,16 +205,18 @@ def ensure_tools(tools: dict[str, str]) -> dict[str, str]:
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         print(f"installing {' '.join(missing)} with apt-get ...", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env, check=False,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *missing], env=env, check=False, stdout=subprocess.DEVNULL
+        )
         found = {name: _which(name) for name in tools}
     still = [n for n, p in found.items() if p is None]
     if still:
         pkgs = " ".join(sorted({tools[n] for n in still}))
-        sys.exit(f"bench: {', '.join(still)} not found and could not be installed; "
-                 f"install them first (Debian: apt-get install -y {pkgs})")
+        sys.exit(
+            f"bench: {', '.join(still)} not found and could not be installed; "
+            f"install them first (Debian: apt-get install -y {pkgs})"
+        )
     return {n: p for n, p in found.items() if p is not None}
 
 
@@ -207,7 +250,7 @@ def busy_processes(window_s: float = 1.0, threshold: float = 0.1) -> list[str]:
                     stat = (entry / "stat").read_text()
                 except OSError:
                     continue
-                comm = stat[stat.index("(") + 1:stat.rindex(")")]
+                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
                 fields = stat.rsplit(")", 1)[1].split()
                 out[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / CLK_TCK, comm)
         return out
@@ -298,7 +341,9 @@ class CannedUpstream:
     def __enter__(self) -> CannedUpstream:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = Template((BENCH_DIR / "nginx.conf.tmpl").read_text()).substitute(
-            prefix=str(self.workdir), json_port=self.json_port, sse_port=self.sse_port,
+            prefix=str(self.workdir),
+            json_port=self.json_port,
+            sse_port=self.sse_port,
             json_body=_nginx_literal(self.completion),
         )
         (self.workdir / "stream.sse").write_bytes(self.sse)
@@ -306,9 +351,22 @@ class CannedUpstream:
         conf_path.write_text(conf)
         log = (self.workdir / "nginx.stderr").open("wb")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", self.cores, self.nginx, "-p", str(self.workdir), "-c", str(conf_path),
-             "-e", str(self.workdir / "error.log")],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            [
+                "taskset",
+                "-c",
+                self.cores,
+                self.nginx,
+                "-p",
+                str(self.workdir),
+                "-c",
+                str(conf_path),
+                "-e",
+                str(self.workdir / "error.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         log.close()
         try:

@@ -63,17 +63,23 @@ def main() -> None:
         times.append(time.perf_counter_ns() - start)
     times.sort()
     n = len(times)
-    print(f"prompt: {len(PROMPT)} chars, {len(PROMPT.split())} words, "
-          f"~{len(PROMPT) // 4} tokens at 4 chars/token")
-    print(f"single: p50 {times[n // 2] / 1e3:.1f} us  p99 {times[int(n * 0.99)] / 1e3:.1f} us  "
-          f"mean {statistics.fmean(times) / 1e3:.1f} us")
+    print(
+        f"prompt: {len(PROMPT)} chars, {len(PROMPT.split())} words, "
+        f"~{len(PROMPT) // 4} tokens at 4 chars/token"
+    )
+    print(
+        f"single: p50 {times[n // 2] / 1e3:.1f} us  p99 {times[int(n * 0.99)] / 1e3:.1f} us  "
+        f"mean {statistics.fmean(times) / 1e3:.1f} us"
+    )
     texts = [r["prompt"] for r in read_jsonl(DEV_PATH)] * 4
     bulk_start = time.perf_counter()
     scorer.score_many(texts)
     elapsed = time.perf_counter() - bulk_start
     print(f"bulk: {len(texts) / elapsed:,.0f} prompts/s on {len(texts)} dev prompts")
-    print(f"RSS: {after:.1f} MB with the model loaded ({after - before:.1f} MB for the model; "
-          f"{before:.1f} MB before loading)")
+    print(
+        f"RSS: {after:.1f} MB with the model loaded ({after - before:.1f} MB for the model; "
+        f"{before:.1f} MB before loading)"
+    )
 
 
 if __name__ == "__main__":

@@ -115,11 +115,16 @@ def triage_config(upstream: str, port: int, cascade: bool) -> dict[str, Any]:
         classifier["path"] = str((REPO / classifier["path"]).resolve())
     prices = {m.get("name"): m.get("price") for m in repo.get("models") or [] if isinstance(m, dict)}
     student: dict[str, Any] = {
-        "name": STUDENT, "role": "student", "endpoints": [f"{upstream}/v1"],
-        "upstream_model": "bench-student", "max_score": 0.5,
+        "name": STUDENT,
+        "role": "student",
+        "endpoints": [f"{upstream}/v1"],
+        "upstream_model": "bench-student",
+        "max_score": 0.5,
     }
     teacher: dict[str, Any] = {
-        "name": "teacher", "role": "teacher", "endpoints": [f"{upstream}/v1"],
+        "name": "teacher",
+        "role": "teacher",
+        "endpoints": [f"{upstream}/v1"],
         "upstream_model": "bench-teacher",
     }
     for model in (student, teacher):
@@ -136,7 +141,10 @@ def triage_config(upstream: str, port: int, cascade: bool) -> dict[str, Any]:
 def workers_supported() -> bool:
     """Whether this checkout's `triage serve` has a --workers flag."""
     out = subprocess.run(
-        [str(PYTHON), "-m", "router", "serve", "--help"], cwd=REPO, capture_output=True, text=True,
+        [str(PYTHON), "-m", "router", "serve", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         check=False,
     )
     return "--workers" in out.stdout
@@ -145,8 +153,7 @@ def workers_supported() -> bool:
 class Triage:
     """`triage serve` on a temp config, pinned with taskset, in its own process group."""
 
-    def __init__(self, workdir: Path, upstream: str, cores: str, workers: int | None,
-                 cascade: bool) -> None:
+    def __init__(self, workdir: Path, upstream: str, cores: str, workers: int | None, cascade: bool) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "triage.yaml"
@@ -157,13 +164,27 @@ class Triage:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Triage:
-        cmd = ["taskset", "-c", self.cores, str(PYTHON), "-m", "router", "serve",
-               "--config", str(self.config_path), "--port", str(self.port), "--log-level", "warning"]
+        cmd = [
+            "taskset",
+            "-c",
+            self.cores,
+            str(PYTHON),
+            "-m",
+            "router",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         if self.workers is not None:
             cmd += ["--workers", str(self.workers)]
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
         try:
             wait_port(self.port, self.proc, timeout_s=60)
             self._wait_healthy()
@@ -200,8 +221,9 @@ class Triage:
 
 def probe(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
     """One POST: status, headers, body (to check the setup before measuring)."""
-    req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, dict(resp.headers.items()), resp.read()
@@ -212,11 +234,30 @@ def probe(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
 # --- wrk ------------------------------------------------------------------------
 
 
-def run_wrk(wrk: str, url: str, connections: int, duration_s: int, body: bytes, core: str,
-            measure: Callable[[], float] | None = None) -> WrkRun:
+def run_wrk(
+    wrk: str,
+    url: str,
+    connections: int,
+    duration_s: int,
+    body: bytes,
+    core: str,
+    measure: Callable[[], float] | None = None,
+) -> WrkRun:
     """One wrk run; `measure` returns CPU seconds of the process under test (read before and after)."""
-    cmd = ["taskset", "-c", core, wrk, "-t1", f"-c{connections}", f"-d{duration_s}s",
-           "--timeout", "10s", "-s", str(BENCH_DIR / "chat.lua"), url + "/v1/chat/completions"]
+    cmd = [
+        "taskset",
+        "-c",
+        core,
+        wrk,
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(BENCH_DIR / "chat.lua"),
+        url + "/v1/chat/completions",
+    ]
     env = {**os.environ, "BENCH_BODY": body.decode()}
     before = measure() if measure else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -226,8 +267,12 @@ def run_wrk(wrk: str, url: str, connections: int, duration_s: int, body: bytes, 
         raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     v = {k: float(x) for k, x in (kv.split("=") for kv in line.split()[1:])}
     return WrkRun(
-        requests=int(v["requests"]), duration_s=v["duration_us"] / 1e6, p50_us=v["p50_us"],
-        p90_us=v["p90_us"], p99_us=v["p99_us"], max_us=v["max_us"],
+        requests=int(v["requests"]),
+        duration_s=v["duration_us"] / 1e6,
+        p50_us=v["p50_us"],
+        p90_us=v["p90_us"],
+        p99_us=v["p99_us"],
+        max_us=v["max_us"],
         errors=int(v["connect"] + v["read"] + v["write"] + v["status"] + v["timeout"]),
         triage_cpu_s=after - before,
     )
@@ -240,9 +285,11 @@ def _med(values: list[float]) -> float:
 def print_table(rows: list[Row], title: str) -> None:
     """Medians over repeats; added latency is the median of paired (via - direct) differences."""
     print(f"\n{title}")
-    head = (f"{'conns':>5} | {'direct rps':>10} {'via rps':>9} {'via/dir':>7} | "
-            f"{'dir p50':>8} {'via p50':>8} {'+p50':>8} | {'dir p99':>8} {'via p99':>8} {'+p99':>8} | "
-            f"{'CPU ms/req':>10} {'RSS MiB':>7} {'errors':>6}")
+    head = (
+        f"{'conns':>5} | {'direct rps':>10} {'via rps':>9} {'via/dir':>7} | "
+        f"{'dir p50':>8} {'via p50':>8} {'+p50':>8} | {'dir p99':>8} {'via p99':>8} {'+p99':>8} | "
+        f"{'CPU ms/req':>10} {'RSS MiB':>7} {'errors':>6}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -250,18 +297,21 @@ def print_table(rows: list[Row], title: str) -> None:
         d_rps, v_rps = _med([x.rps for x in r.direct]), _med([x.rps for x in r.via])
         cpu_ms = _med([v.triage_cpu_s * 1000 / v.requests for v in r.via if v.requests])
         errors = sum(x.errors for x in r.via) + sum(x.errors for x in r.direct)
-        print(f"{r.connections:>5} | {d_rps:>10.0f} {v_rps:>9.0f} {v_rps / d_rps:>7.3f} | "
-              f"{_med([x.p50_us for x in r.direct]):>8.0f} {_med([x.p50_us for x in r.via]):>8.0f} "
-              f"{_med([v.p50_us - d.p50_us for d, v in pairs]):>8.0f} | "
-              f"{_med([x.p99_us for x in r.direct]):>8.0f} {_med([x.p99_us for x in r.via]):>8.0f} "
-              f"{_med([v.p99_us - d.p99_us for d, v in pairs]):>8.0f} | "
-              f"{cpu_ms:>10.3f} {r.rss_kib / 1024:>7.1f} {errors:>6}")
-    print("latencies in µs; rps = requests/s; CPU = Triage user+sys per request; "
-          "RSS = Triage peak (VmHWM, all processes)")
+        print(
+            f"{r.connections:>5} | {d_rps:>10.0f} {v_rps:>9.0f} {v_rps / d_rps:>7.3f} | "
+            f"{_med([x.p50_us for x in r.direct]):>8.0f} {_med([x.p50_us for x in r.via]):>8.0f} "
+            f"{_med([v.p50_us - d.p50_us for d, v in pairs]):>8.0f} | "
+            f"{_med([x.p99_us for x in r.direct]):>8.0f} {_med([x.p99_us for x in r.via]):>8.0f} "
+            f"{_med([v.p99_us - d.p99_us for d, v in pairs]):>8.0f} | "
+            f"{cpu_ms:>10.3f} {r.rss_kib / 1024:>7.1f} {errors:>6}"
+        )
+    print(
+        "latencies in µs; rps = requests/s; CPU = Triage user+sys per request; "
+        "RSS = Triage peak (VmHWM, all processes)"
+    )
 
 
-def wrk_table(s: Settings, wrk: str, upstream: str, triage: Triage, body: bytes,
-              load_core: str) -> list[Row]:
+def wrk_table(s: Settings, wrk: str, upstream: str, triage: Triage, body: bytes, load_core: str) -> list[Row]:
     """Every connection count: warm-up, then `repeats` back-to-back direct/via pairs."""
     rows = []
     for conns in s.connections:
@@ -270,13 +320,25 @@ def wrk_table(s: Settings, wrk: str, upstream: str, triage: Triage, body: bytes,
         run_wrk(wrk, triage.url, conns, s.warmup_s, body, load_core)
         for _ in range(s.repeats):
             row.direct.append(run_wrk(wrk, upstream, conns, s.duration_s, body, load_core))
-            row.via.append(run_wrk(wrk, triage.url, conns, s.duration_s, body, load_core,
-                                   measure=lambda: cpu_ticks(triage.pids())))
+            row.via.append(
+                run_wrk(
+                    wrk,
+                    triage.url,
+                    conns,
+                    s.duration_s,
+                    body,
+                    load_core,
+                    measure=lambda: cpu_ticks(triage.pids()),
+                )
+            )
         row.rss_kib = peak_rss_kib(triage.pids())
         v = row.via[-1]
-        print(f"  c={conns}: direct {_med([x.rps for x in row.direct]):.0f} rps, "
-              f"via {_med([x.rps for x in row.via]):.0f} rps (last: {v.requests} requests, "
-              f"{v.errors} errors)", flush=True)
+        print(
+            f"  c={conns}: direct {_med([x.rps for x in row.direct]):.0f} rps, "
+            f"via {_med([x.rps for x in row.via]):.0f} rps (last: {v.requests} requests, "
+            f"{v.errors} errors)",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -351,8 +413,9 @@ class _Conn:
             await self.writer.wait_closed()
 
 
-async def _stream_latency(direct_port: int, via_port: int, body: bytes, n: int,
-                          warmup: int) -> tuple[list[StreamTiming], list[StreamTiming]]:
+async def _stream_latency(
+    direct_port: int, via_port: int, body: bytes, n: int, warmup: int
+) -> tuple[list[StreamTiming], list[StreamTiming]]:
     direct, via = _Conn(direct_port, body), _Conn(via_port, body)
     out: tuple[list[StreamTiming], list[StreamTiming]] = ([], [])
     try:
@@ -370,8 +433,10 @@ async def _stream_latency(direct_port: int, via_port: int, body: bytes, n: int,
 
 def print_stream_latency(direct: list[StreamTiming], via: list[StreamTiming]) -> None:
     """Medians and p99 of each timing, and what Triage adds."""
-    print(f"\nStreaming latency, {len(via)} sequential requests each way, alternating "
-          "(one keep-alive connection each; µs)")
+    print(
+        f"\nStreaming latency, {len(via)} sequential requests each way, alternating "
+        "(one keep-alive connection each; µs)"
+    )
     head = f"{'':>12} | {'dir p50':>8} {'via p50':>8} {'+p50':>8} | {'dir p99':>8} {'via p99':>8} {'+p99':>8}"
     print(head)
     print("-" * len(head))
@@ -379,8 +444,10 @@ def print_stream_latency(direct: list[StreamTiming], via: list[StreamTiming]) ->
         d = [getattr(t, name) * 1e6 for t in direct]
         v = [getattr(t, name) * 1e6 for t in via]
         dq, vq = statistics.quantiles(d, n=100), statistics.quantiles(v, n=100)
-        print(f"{name:>12} | {_med(d):>8.0f} {_med(v):>8.0f} {_med(v) - _med(d):>8.0f} | "
-              f"{dq[98]:>8.0f} {vq[98]:>8.0f} {vq[98] - dq[98]:>8.0f}")
+        print(
+            f"{name:>12} | {_med(d):>8.0f} {_med(v):>8.0f} {_med(v) - _med(d):>8.0f} | "
+            f"{dq[98]:>8.0f} {vq[98]:>8.0f} {vq[98] - dq[98]:>8.0f}"
+        )
     print("first_byte = response headers; first_event = first `data:` bytes; last_byte = end of body")
 
 
@@ -413,8 +480,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _git_version() -> str:
-    out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=False
+    )
     return out.stdout.strip() or "unknown"
 
 
@@ -426,8 +494,10 @@ def run(s: Settings, json_out: Path | None) -> int:
     workers = s.workers
     if workers is not None and not workers_supported():
         if workers > 1:
-            print(f"bench: `triage serve` has no --workers flag in this checkout; "
-                  f"skipping the --workers {workers} run")
+            print(
+                f"bench: `triage serve` has no --workers flag in this checkout; "
+                f"skipping the --workers {workers} run"
+            )
             return 0
         workers = None
     load_core, triage_cores, note = _cores(workers)
@@ -437,45 +507,70 @@ def run(s: Settings, json_out: Path | None) -> int:
     print(f"machine: {machine()}")
     print(f"triage: {_git_version()}; python {sys.version.split()[0]}")
     busy = busy_processes()
-    print(f"other busy processes (>10% of a core): {', '.join(busy) if busy else 'none'}; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"cores: wrk + nginx on {load_core}, Triage on {triage_cores}"
-          + (f" (workers {workers})" if workers else "") + (f"; note: {note}" if note else ""))
-    print(f"mode: {s.mode} (model {model!r}); {'streaming' if s.stream else 'non-streaming'}; "
-          f"cascade {'on' if s.cascade else 'off'}; classifier "
-          f"{triage_config('http://x', 0, False)['classifier']}")
-    print(f"load: wrk -t1, connections {s.connections}, {s.duration_s} s x {s.repeats} repeats "
-          f"(+{s.warmup_s} s warm-up each side), body {len(body)} bytes", flush=True)
+    print(
+        f"other busy processes (>10% of a core): {', '.join(busy) if busy else 'none'}; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"cores: wrk + nginx on {load_core}, Triage on {triage_cores}"
+        + (f" (workers {workers})" if workers else "")
+        + (f"; note: {note}" if note else "")
+    )
+    print(
+        f"mode: {s.mode} (model {model!r}); {'streaming' if s.stream else 'non-streaming'}; "
+        f"cascade {'on' if s.cascade else 'off'}; classifier "
+        f"{triage_config('http://x', 0, False)['classifier']}"
+    )
+    print(
+        f"load: wrk -t1, connections {s.connections}, {s.duration_s} s x {s.repeats} repeats "
+        f"(+{s.warmup_s} s warm-up each side), body {len(body)} bytes",
+        flush=True,
+    )
 
     results: dict[str, Any] = {"machine": machine(), "settings": asdict(s)}
-    with tempfile.TemporaryDirectory(prefix="triage-bench-") as tmp, _sigterm_as_interrupt(), \
-            CannedUpstream(tools["nginx"], Path(tmp) / "nginx", load_core) as nginx:
+    with (
+        tempfile.TemporaryDirectory(prefix="triage-bench-") as tmp,
+        _sigterm_as_interrupt(),
+        CannedUpstream(tools["nginx"], Path(tmp) / "nginx", load_core) as nginx,
+    ):
         upstream = nginx.sse_url if s.stream else nginx.json_url
         with Triage(Path(tmp), upstream, triage_cores, workers, s.cascade) as triage:
             status, headers, reply = probe(triage.url, body)
             lower = {k.lower(): v for k, v in headers.items()}
-            print(f"probe: {status}; x-triage-model={lower.get('x-triage-model')} "
-                  f"x-triage-reason={lower.get('x-triage-reason')} "
-                  f"x-triage-score={lower.get('x-triage-score', '-')}; {len(reply)} bytes")
+            print(
+                f"probe: {status}; x-triage-model={lower.get('x-triage-model')} "
+                f"x-triage-reason={lower.get('x-triage-reason')} "
+                f"x-triage-score={lower.get('x-triage-score', '-')}; {len(reply)} bytes"
+            )
             if status != 200:
                 print(f"bench: Triage answered {status}: {reply[:500]!r}", file=sys.stderr)
                 return 1
-            print(f"Triage pids {triage.pids()}, RSS after start "
-                  f"{peak_rss_kib(triage.pids()) / 1024:.1f} MiB", flush=True)
+            print(
+                f"Triage pids {triage.pids()}, RSS after start {peak_rss_kib(triage.pids()) / 1024:.1f} MiB",
+                flush=True,
+            )
             rows = wrk_table(s, tools["wrk"], upstream, triage, body, load_core)
             kind = "streaming (SSE, whole body at once)" if s.stream else "non-streaming JSON"
-            print_table(rows, f"wrk -t1, {kind}, mode {s.mode}, cascade "
-                              f"{'on' if s.cascade else 'off'}: direct = wrk -> nginx, "
-                              "via = wrk -> Triage -> nginx")
+            print_table(
+                rows,
+                f"wrk -t1, {kind}, mode {s.mode}, cascade "
+                f"{'on' if s.cascade else 'off'}: direct = wrk -> nginx, "
+                "via = wrk -> Triage -> nginx",
+            )
             results["wrk"] = [asdict(r) for r in rows]
             if s.stream:
                 os.sched_setaffinity(0, {int(load_core)})
-                d, v = asyncio.run(_stream_latency(
-                    nginx.sse_port, triage.port, body, s.stream_requests,
-                    warmup=min(20, s.stream_requests)))
+                d, v = asyncio.run(
+                    _stream_latency(
+                        nginx.sse_port,
+                        triage.port,
+                        body,
+                        s.stream_requests,
+                        warmup=min(20, s.stream_requests),
+                    )
+                )
                 print_stream_latency(d, v)
-                results["stream_latency"] = {"direct": [asdict(t) for t in d],
-                                             "via": [asdict(t) for t in v]}
+                results["stream_latency"] = {"direct": [asdict(t) for t in d], "via": [asdict(t) for t in v]}
     if json_out is not None:
         json_out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
         print(f"\nraw results: {json_out}")
@@ -495,18 +590,32 @@ def _connections(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     """Parse options and run the bench."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--connections", type=_connections, default=[1, 8, 32, 128],
-                   help="comma-separated wrk connection counts (default 1,8,32,128)")
+    p.add_argument(
+        "--connections",
+        type=_connections,
+        default=[1, 8, 32, 128],
+        help="comma-separated wrk connection counts (default 1,8,32,128)",
+    )
     p.add_argument("--duration", type=int, default=10, help="seconds per measured run (default 10)")
     p.add_argument("--repeats", type=int, default=3, help="direct/via pairs per connection count")
     p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per side and count")
-    p.add_argument("--mode", choices=["routing", "pinned"], default="routing",
-                   help="routing: model auto, classifier scores each request; "
-                        "pinned: model student-small, no scoring")
-    p.add_argument("--stream", action="store_true",
-                   help="stream: SSE upstream, stream=true requests, plus TTFB/TTLB table")
-    p.add_argument("--stream-requests", type=int, default=300,
-                   help="sequential requests each way for the streaming latency table")
+    p.add_argument(
+        "--mode",
+        choices=["routing", "pinned"],
+        default="routing",
+        help="routing: model auto, classifier scores each request; pinned: model student-small, no scoring",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream: SSE upstream, stream=true requests, plus TTFB/TTLB table",
+    )
+    p.add_argument(
+        "--stream-requests",
+        type=int,
+        default=300,
+        help="sequential requests each way for the streaming latency table",
+    )
     p.add_argument("--workers", type=int, help="pass --workers N to `triage serve`")
     p.add_argument("--cascade", action="store_true", help="keep routing.cascade enabled")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of 3 s, 1 s warm-up")
@@ -516,8 +625,14 @@ def main(argv: list[str] | None = None) -> int:
         a.duration, a.repeats, a.warmup = 3, 1, 1
         a.stream_requests = min(a.stream_requests, 100)
     s = Settings(
-        connections=a.connections, duration_s=a.duration, repeats=a.repeats, warmup_s=a.warmup,
-        mode=a.mode, stream=a.stream, workers=a.workers, cascade=a.cascade,
+        connections=a.connections,
+        duration_s=a.duration,
+        repeats=a.repeats,
+        warmup_s=a.warmup,
+        mode=a.mode,
+        stream=a.stream,
+        workers=a.workers,
+        cascade=a.cascade,
         stream_requests=a.stream_requests,
     )
     try:

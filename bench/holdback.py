@@ -36,8 +36,13 @@ def _free_port() -> int:
 
 
 def _first_token_s(client: httpx.Client, headers: dict[str, str]) -> float:
-    body = {"model": "auto", "stream": True, "max_tokens": 32, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello to my friend Sam."}]}
+    body = {
+        "model": "auto",
+        "stream": True,
+        "max_tokens": 32,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello to my friend Sam."}],
+    }
     start = time.perf_counter()
     with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
         resp.raise_for_status()
@@ -58,12 +63,18 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sport, tport, gport = _free_port(), _free_port(), _free_port()
-        env = {**os.environ, "TRIAGE_STUDENT_PORT": str(sport), "TRIAGE_TEACHER_PORT": str(tport),
-               "TRIAGE_RUN_DIR": tmp}
+        env = {
+            **os.environ,
+            "TRIAGE_STUDENT_PORT": str(sport),
+            "TRIAGE_TEACHER_PORT": str(tport),
+            "TRIAGE_RUN_DIR": tmp,
+        }
         started = subprocess.run(["bash", str(MODELS), "start"], env=env, capture_output=True, text=True)
         if started.returncode != 0:
-            print(f"cannot start the local models (run `bash deploy/local/setup.sh`):\n{started.stderr}",
-                  file=sys.stderr)
+            print(
+                f"cannot start the local models (run `bash deploy/local/setup.sh`):\n{started.stderr}",
+                file=sys.stderr,
+            )
             return 2
         raw = yaml.safe_load((REPO / "config.yaml").read_text())
         raw["models"][0]["endpoints"] = [f"http://127.0.0.1:{sport}/v1"]
@@ -73,8 +84,19 @@ def main() -> int:
         cfg = Path(tmp) / "config.yaml"
         cfg.write_text(yaml.safe_dump(raw))
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "router", "serve", "--config", str(cfg), "--port", str(gport),
-             "--log-level", "warning"])
+            [
+                sys.executable,
+                "-m",
+                "router",
+                "serve",
+                "--config",
+                str(cfg),
+                "--port",
+                str(gport),
+                "--log-level",
+                "warning",
+            ]
+        )
         try:
             url = f"http://127.0.0.1:{gport}"
             for _ in range(300):
@@ -90,12 +112,16 @@ def main() -> int:
                 for _ in range(args.requests):
                     on.append(_first_token_s(client, {}))
                     off.append(_first_token_s(client, {"x-triage-fallback": "off"}))
+
             def row(name: str, xs: list[float]) -> str:
                 xs = sorted(xs)
                 p90 = xs[int(0.9 * (len(xs) - 1))]
                 return f"{name:>28} | {statistics.median(xs) * 1000:8.1f} | {p90 * 1000:8.1f}"
-            print(f"local student (SmolLM2-135M on llama-server, CPU); {args.requests} streams "
-                  "each, alternating")
+
+            print(
+                f"local student (SmolLM2-135M on llama-server, CPU); {args.requests} streams "
+                "each, alternating"
+            )
             print(f"{'time to first content event':>28} | p50 ms   | p90 ms")
             print(row(f"hold-back {args.hold_back_tokens} events/300 ms", on))
             print(row("hold-back off", off))

@@ -115,8 +115,8 @@ class _UpstreamProtocol(asyncio.Protocol):
             length = int(headers.get("content-length", "0"))
             if len(self.buffer) < end + 4 + length:
                 return
-            body = self.buffer[end + 4:end + 4 + length]
-            self.buffer = self.buffer[end + 4 + length:]
+            body = self.buffer[end + 4 : end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length :]
             self._answer(headers.get("x-request-id", ""), body)
 
     def _answer(self, request_id: str, body: bytes) -> None:
@@ -125,8 +125,11 @@ class _UpstreamProtocol(asyncio.Protocol):
         nonce = _NONCE.search(body)
         if not request_id.startswith("r") or nonce is None:
             model.bad_requests += 1
-            self._send(400, b'{"error": {"message": "no marker", "type": "invalid_request_error", '
-                            b'"param": null, "code": null}}')
+            self._send(
+                400,
+                b'{"error": {"message": "no marker", "type": "invalid_request_error", '
+                b'"param": null, "code": null}}',
+            )
             return
         index = int(request_id[1:])
         model.seen[index] = model.seen.get(index, 0) + 1
@@ -141,23 +144,38 @@ class _UpstreamProtocol(asyncio.Protocol):
             return
         if fault == "status":
             model.injected["status"] += 1
-            self._send(500, b'{"error": {"message": "injected", "type": "server_error", '
-                            b'"param": null, "code": 500}}')
+            self._send(
+                500, b'{"error": {"message": "injected", "type": "server_error", "param": null, "code": 500}}'
+            )
             return
         content = f"{model.name} {request_id} n{nonce.group(1).decode()}"
-        self._send(200, orjson.dumps({
-            "id": "cmpl-" + request_id, "object": "chat.completion", "created": 0, "model": model.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-        }))
+        self._send(
+            200,
+            orjson.dumps(
+                {
+                    "id": "cmpl-" + request_id,
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": model.name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": content},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+                }
+            ),
+        )
 
     def _send(self, status: int, body: bytes) -> None:
         assert self.transport is not None
         reason = "OK" if status == 200 else "Error"
         self.transport.write(
             f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n\r\n".encode() + body
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
         )
 
 
@@ -176,11 +194,21 @@ def gateway_config(student_url: str, teacher_url: str, port: int) -> dict[str, A
     return {
         "server": {"host": "127.0.0.1", "port": port},
         "models": [
-            {"name": "student-small", "role": "student", "endpoints": [student_url + "/v1"],
-             "upstream_model": "up-small", "max_score": 0.9,
-             "max_connections": 512},
-            {"name": "teacher", "role": "teacher", "endpoints": [teacher_url + "/v1"],
-             "upstream_model": "up-teacher", "max_connections": 512},
+            {
+                "name": "student-small",
+                "role": "student",
+                "endpoints": [student_url + "/v1"],
+                "upstream_model": "up-small",
+                "max_score": 0.9,
+                "max_connections": 512,
+            },
+            {
+                "name": "teacher",
+                "role": "teacher",
+                "endpoints": [teacher_url + "/v1"],
+                "upstream_model": "up-teacher",
+                "max_connections": 512,
+            },
         ],
         "classifier": {"kind": "heuristic"},
         "routing": {
@@ -212,9 +240,10 @@ def triage_serve(config: dict[str, Any], log: Path | None = None) -> Iterator[tu
         port = config["server"]["port"]
         out = open(log or Path(tmp) / "gateway.log", "wb")
         proc = subprocess.Popen(
-            [*_TRIAGE, "serve", "--config", str(path), "--log-level", "warning",
-             "--drain-timeout-s", "2"],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            [*_TRIAGE, "serve", "--config", str(path), "--log-level", "warning", "--drain-timeout-s", "2"],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         try:
             url = f"http://127.0.0.1:{port}"
@@ -283,18 +312,24 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 
 
 async def _worker(
-    host: str, port: int, next_index: Callable[[], int | None], tally: Tally,
-    fault_every: int, reset_every: int, timeout_s: float,
+    host: str,
+    port: int,
+    next_index: Callable[[], int | None],
+    tally: Tally,
+    fault_every: int,
+    reset_every: int,
+    timeout_s: float,
 ) -> None:
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     try:
         while (i := next_index()) is not None:
-            body = orjson.dumps({"model": "auto",
-                                 "messages": [{"role": "user", "content": f"say hi #n{i}"}]})
-            request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
-                       f"content-type: application/json\r\nx-request-id: r{i}\r\n"
-                       f"content-length: {len(body)}\r\n\r\n").encode() + body
+            body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": f"say hi #n{i}"}]})
+            request = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
+                f"content-type: application/json\r\nx-request-id: r{i}\r\n"
+                f"content-length: {len(body)}\r\n\r\n"
+            ).encode() + body
             started = time.perf_counter()
             try:
                 if writer is None:
@@ -302,8 +337,13 @@ async def _worker(
                 assert reader is not None
                 writer.write(request)
                 status, headers, content = await asyncio.wait_for(_read_response(reader), timeout_s)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
-                    TimeoutError) as exc:
+            except (
+                OSError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ValueError,
+                TimeoutError,
+            ) as exc:
                 tally.lost += 1
                 tally.note(f"request {i}: no response ({type(exc).__name__}: {exc})")
                 if writer is not None:
@@ -385,20 +425,32 @@ class LoadReport:
             (self.mismatched == 0, f"{self.mismatched} response(s) carried another request's marker"),
             (self.wrong_model == 0, f"{self.wrong_model} response(s) from the wrong model"),
             (not self.non200, f"non-200 responses: {self.non200}"),
-            (self.injected == self.expected_faults,
-             f"student injected {self.injected} faults, expected {self.expected_faults}"),
-            (self.fallbacks == self.injected,
-             f"fallbacks counted {self.fallbacks:g} != faults injected {self.injected}"),
-            (self.upstream_errors == self.injected,
-             f"upstream errors counted {self.upstream_errors:g} != faults injected {self.injected}"),
-            (self.upstream_unmarked == 0,
-             f"{self.upstream_unmarked} upstream request(s) lost their x-request-id or nonce"),
-            (self.student_seen == self.requests and self.student_repeats == 0,
-             f"student saw {self.student_seen} distinct requests ({self.student_repeats} repeats), "
-             f"expected {self.requests}"),
-            (self.teacher_seen == self.injected and self.teacher_unexpected == 0,
-             f"teacher saw {self.teacher_seen} requests ({self.teacher_unexpected} not faulted), "
-             f"expected the {self.injected} faulted ones"),
+            (
+                self.injected == self.expected_faults,
+                f"student injected {self.injected} faults, expected {self.expected_faults}",
+            ),
+            (
+                self.fallbacks == self.injected,
+                f"fallbacks counted {self.fallbacks:g} != faults injected {self.injected}",
+            ),
+            (
+                self.upstream_errors == self.injected,
+                f"upstream errors counted {self.upstream_errors:g} != faults injected {self.injected}",
+            ),
+            (
+                self.upstream_unmarked == 0,
+                f"{self.upstream_unmarked} upstream request(s) lost their x-request-id or nonce",
+            ),
+            (
+                self.student_seen == self.requests and self.student_repeats == 0,
+                f"student saw {self.student_seen} distinct requests ({self.student_repeats} repeats), "
+                f"expected {self.requests}",
+            ),
+            (
+                self.teacher_seen == self.injected and self.teacher_unexpected == 0,
+                f"teacher saw {self.teacher_seen} requests ({self.teacher_unexpected} not faulted), "
+                f"expected the {self.injected} faulted ones",
+            ),
         ]
         return [msg for ok, msg in checks if not ok]
 
@@ -456,8 +508,9 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def sample_sum(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-               **labels: str) -> float:
+def sample_sum(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
@@ -487,8 +540,15 @@ class Driver:
                 server.close_clients()
             await server.wait_closed()
 
-    async def drive(self, url: str, first: int, count: int, concurrency: int,
-                    timeout_s: float = 60.0, tally: Tally | None = None) -> tuple[Tally, float]:
+    async def drive(
+        self,
+        url: str,
+        first: int,
+        count: int,
+        concurrency: int,
+        timeout_s: float = 60.0,
+        tally: Tally | None = None,
+    ) -> tuple[Tally, float]:
         """Send requests `first`..`first+count-1` with `concurrency` connections; (tally, seconds)."""
         host, port = url.removeprefix("http://").split(":")
         indices = iter(range(first, first + count))
@@ -498,15 +558,32 @@ class Driver:
 
         tally = tally if tally is not None else Tally()
         started = time.perf_counter()
-        await asyncio.gather(*(
-            _worker(host, int(port), next_index, tally, self.student.fault_every,
-                    self.student.reset_every, timeout_s)
-            for _ in range(concurrency)
-        ))
+        await asyncio.gather(
+            *(
+                _worker(
+                    host,
+                    int(port),
+                    next_index,
+                    tally,
+                    self.student.fault_every,
+                    self.student.reset_every,
+                    timeout_s,
+                )
+                for _ in range(concurrency)
+            )
+        )
         return tally, time.perf_counter() - started
 
-    def report(self, url: str, tally: Tally, duration_s: float, requests: int, concurrency: int,
-               cpu: tuple[float, float] = (0.0, 0.0), first: int = 0) -> LoadReport:
+    def report(
+        self,
+        url: str,
+        tally: Tally,
+        duration_s: float,
+        requests: int,
+        concurrency: int,
+        cpu: tuple[float, float] = (0.0, 0.0),
+        first: int = 0,
+    ) -> LoadReport:
         """Combine the client's tally, the fakes' counts and the gateway's /metrics."""
         samples = scrape(url)
         expected = sum(
@@ -515,22 +592,31 @@ class Driver:
         )
         lat = sorted(tally.latencies)
         teacher_unexpected = sum(
-            1 for i in self.teacher.seen
+            1
+            for i in self.teacher.seen
             if fault_kind(i, self.student.fault_every, self.student.reset_every) is None
         )
         return LoadReport(
-            requests=requests, concurrency=concurrency, duration_s=duration_s,
-            p50_ms=_percentile(lat, 0.50) * 1000, p99_ms=_percentile(lat, 0.99) * 1000,
-            gateway_cpu_s=cpu[0], bench_cpu_s=cpu[1],
+            requests=requests,
+            concurrency=concurrency,
+            duration_s=duration_s,
+            p50_ms=_percentile(lat, 0.50) * 1000,
+            p99_ms=_percentile(lat, 0.99) * 1000,
+            gateway_cpu_s=cpu[0],
+            bench_cpu_s=cpu[1],
             injected_status=self.student.injected["status"],
             injected_reset=self.student.injected["reset"],
             expected_faults=expected,
-            fallbacks=sample_sum(samples, "triage_fallbacks_total",
-                                 model="student-small", reason="upstream_error"),
+            fallbacks=sample_sum(
+                samples, "triage_fallbacks_total", model="student-small", reason="upstream_error"
+            ),
             upstream_errors=sample_sum(samples, "triage_upstream_errors_total", model="student-small"),
-            ok=len(tally.ok), lost=tally.lost,
+            ok=len(tally.ok),
+            lost=tally.lost,
             duplicated=sum(n - 1 for n in tally.ok.values() if n > 1),
-            mismatched=tally.mismatched, wrong_model=tally.wrong_model, non200=tally.non200,
+            mismatched=tally.mismatched,
+            wrong_model=tally.wrong_model,
+            non200=tally.non200,
             upstream_unmarked=self.student.bad_requests + self.teacher.bad_requests,
             student_seen=len(self.student.seen),
             student_repeats=sum(n - 1 for n in self.student.seen.values()),
@@ -549,8 +635,14 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_load(requests: int, concurrency: int = 96, fault_every: int = 10, reset_every: int = 4,
-             log: Path | None = None, deadline_s: float | None = None) -> LoadReport:
+def run_load(
+    requests: int,
+    concurrency: int = 96,
+    fault_every: int = 10,
+    reset_every: int = 4,
+    log: Path | None = None,
+    deadline_s: float | None = None,
+) -> LoadReport:
     """Start fakes and `triage serve`, send `requests`, and report (the gateway is always stopped).
 
     `deadline_s` bounds the whole client phase (TimeoutError past it).
@@ -577,16 +669,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--concurrency", type=int, default=96)
-    parser.add_argument("--fault-every", type=int, default=10,
-                        help="one request in N gets a fault (0 = none)")
-    parser.add_argument("--reset-every", type=int, default=4,
-                        help="one fault in N is a TCP reset instead of HTTP 500 (0 = none)")
+    parser.add_argument(
+        "--fault-every", type=int, default=10, help="one request in N gets a fault (0 = none)"
+    )
+    parser.add_argument(
+        "--reset-every",
+        type=int,
+        default=4,
+        help="one fault in N is a TCP reset instead of HTTP 500 (0 = none)",
+    )
     parser.add_argument("--gateway-log", type=Path, help="keep the gateway's output here")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= 1_000_000 or not 1 <= args.concurrency <= 1024:
         parser.error("--requests must be 1..1,000,000 and --concurrency 1..1024")
-    report = run_load(args.requests, args.concurrency, args.fault_every, args.reset_every,
-                      args.gateway_log)
+    report = run_load(args.requests, args.concurrency, args.fault_every, args.reset_every, args.gateway_log)
     print("\n".join(report.lines()))
     failures = report.failures()
     for line in failures:

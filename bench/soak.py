@@ -48,8 +48,12 @@ class Sample:
 
 
 def run_soak(
-    requests: int = 100_000, batch: int = 10_000, concurrency: int = 96,
-    fault_every: int = 10, reset_every: int = 4, settle_s: float = 1.0,
+    requests: int = 100_000,
+    batch: int = 10_000,
+    concurrency: int = 96,
+    fault_every: int = 10,
+    reset_every: int = 4,
+    settle_s: float = 1.0,
 ) -> tuple[list[Sample], list[str]]:
     """Drive `requests` through one gateway in batches; (samples, broken invariants)."""
     loop = new_loop()
@@ -93,8 +97,10 @@ def footprint_failures(samples: list[Sample], rss_ratio: float = 0.10, fd_slack:
     out = []
     growth = (last.rss_kib - first.rss_kib) / first.rss_kib
     if abs(growth) > rss_ratio:
-        out.append(f"RSS went from {first.rss_kib} KiB at {first.requests} requests to "
-                   f"{last.rss_kib} KiB at {last.requests} ({growth:+.1%}, limit ±{rss_ratio:.0%})")
+        out.append(
+            f"RSS went from {first.rss_kib} KiB at {first.requests} requests to "
+            f"{last.rss_kib} KiB at {last.requests} ({growth:+.1%}, limit ±{rss_ratio:.0%})"
+        )
     if max(s.fds for s in samples) - first.fds > fd_slack:
         out.append(f"open fds grew: {[s.fds for s in samples]} (limit +{fd_slack} over the first)")
     return out
@@ -111,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.batch <= args.requests <= 2_000_000:
         parser.error("need 1 <= --batch <= --requests <= 2,000,000")
-    samples, failures = run_soak(args.requests, args.batch, args.concurrency,
-                                 args.fault_every, args.reset_every)
+    samples, failures = run_soak(
+        args.requests, args.batch, args.concurrency, args.fault_every, args.reset_every
+    )
     print(f"{'requests':>10} {'rss_kib':>10} {'rss_vs_first':>12} {'fds':>5} {'req_per_s':>9}")
     for s in samples:
         ratio = (s.rss_kib - samples[0].rss_kib) / samples[0].rss_kib

@@ -64,8 +64,7 @@ def rewrite_max_scores(path: Path, threshold: float) -> list[tuple[str, float, f
         raise ValueError(f"{path}: the largest student max_score is {top}; cannot scale it")
     factor = threshold / top
     new_values = [
-        round(float(m["max_score"]) * factor, 6) if m.get("role") == "student" else None
-        for m in with_max
+        round(float(m["max_score"]) * factor, 6) if m.get("role") == "student" else None for m in with_max
     ]
 
     lines = text.splitlines(keepends=True)

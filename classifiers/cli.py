@@ -44,8 +44,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--data", type=Path, required=True, help="a sample of prompts (.jsonl[.gz])")
     p.add_argument("--student-share", type=float, required=True)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--write-config", type=Path, default=None,
-                   help="rescale the students' max_score in this YAML file")
+    p.add_argument(
+        "--write-config", type=Path, default=None, help="rescale the students' max_score in this YAML file"
+    )
     p.set_defaults(func=cmd_calibrate)
 
     p = subparsers.add_parser("score", help="score JSON lines {id, prompt|messages}")
@@ -117,12 +118,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lab = [i for i in idx if rows[i].get("label") is not None]
         auc = auroc([rows[i]["label"] for i in lab], [scores[i] for i in lab]) if lab else None
         cells = [f"{auc:6.3f}" if auc is not None else f"{'-':>6s}"]
-        routed = [i for i in idx if rows[i].get("strong_score") is not None
-                  and rows[i].get("weak_score") is not None]
+        routed = [
+            i
+            for i in idx
+            if rows[i].get("strong_score") is not None and rows[i].get("weak_score") is not None
+        ]
         try:
-            curve = routing_curve([scores[i] for i in routed],
-                                  [rows[i]["strong_score"] for i in routed],
-                                  [rows[i]["weak_score"] for i in routed])
+            curve = routing_curve(
+                [scores[i] for i in routed],
+                [rows[i]["strong_score"] for i in routed],
+                [rows[i]["weak_score"] for i in routed],
+            )
             cells += [f"{curve.apgr():6.3f}", f"{curve.cpt(0.5):6.1%}", f"{curve.cpt(0.8):6.1%}"]
         except ValueError:
             cells += [f"{'-':>6s}"] * 3
@@ -141,8 +147,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         threshold = threshold_for_share(scores, args.student_share)
     except ValueError as exc:
         return _error(str(exc))
-    print(f"threshold {threshold:.6f} sends {student_share(scores, threshold):.1%} "
-          f"of {len(scores)} prompts to students")
+    print(
+        f"threshold {threshold:.6f} sends {student_share(scores, threshold):.1%} "
+        f"of {len(scores)} prompts to students"
+    )
     if args.write_config is not None:
         try:
             changes = rewrite_max_scores(args.write_config, threshold)
@@ -174,10 +182,11 @@ def score_stream(scorer: Any, src: IO[bytes], dst: IO[bytes], name: str = "<inpu
     n = 0
     while batch := list(islice(lines, _SCORE_BATCH)):
         scores = scorer.score_many(text for _, text in batch)
-        dst.write(b"".join(
-            orjson.dumps({"id": i, "score": s}) + b"\n"
-            for (i, _), s in zip(batch, scores, strict=True)
-        ))
+        dst.write(
+            b"".join(
+                orjson.dumps({"id": i, "score": s}) + b"\n" for (i, _), s in zip(batch, scores, strict=True)
+            )
+        )
         n += len(batch)
     return n
 

@@ -55,18 +55,22 @@ def routing_table(rows: Sequence[Row], scores: dict[str, list[float]]) -> str:
     out = ["| group | n | scorer | APGR | CPT(50%) | CPT(80%) |", "|---|---|---|---|---|---|"]
     for group, idx in _groups(rows).items():
         for name, s in scores.items():
-            curve = routing_curve([s[i] for i in idx], [rows[i]["strong_score"] for i in idx],
-                                  [rows[i]["weak_score"] for i in idx])
-            out.append(f"| {group} | {len(idx)} | {name} | {curve.apgr():.3f} | "
-                       f"{curve.cpt(0.5):.1%} | {curve.cpt(0.8):.1%} |")
+            curve = routing_curve(
+                [s[i] for i in idx],
+                [rows[i]["strong_score"] for i in idx],
+                [rows[i]["weak_score"] for i in idx],
+            )
+            out.append(
+                f"| {group} | {len(idx)} | {name} | {curve.apgr():.3f} | "
+                f"{curve.cpt(0.5):.1%} | {curve.cpt(0.8):.1%} |"
+            )
     return "\n".join(out)
 
 
 def main(argv: Sequence[str]) -> None:
     """Print the AUROC table for argv[0] and, if given, the routing table for argv[1]."""
     models = scorers()
-    dev = [r for r in read_jsonl(Path(argv[0])) if r.get("label") is not None
-           and not is_held_out(r)]
+    dev = [r for r in read_jsonl(Path(argv[0])) if r.get("label") is not None and not is_held_out(r)]
     scores = {n: m.score_many(r["prompt"] for r in dev) for n, m in models.items()}
     sys.stdout.write(auroc_table(dev, scores) + "\n\n")
     if len(argv) > 1:

@@ -59,9 +59,7 @@ def write_jsonl_gz(path: Path, rows: Iterable[Row]) -> int:
 def is_held_out(row: Row) -> bool:
     """True for rows drawn from GSM8K test or MMLU test (never trained or tuned on)."""
     source_id = str(row.get("source_id", ""))
-    return row.get("source") == "routerdc_small7" and (
-        source_id.startswith(("gsm8k/test", "mmlu/"))
-    )
+    return row.get("source") == "routerdc_small7" and (source_id.startswith(("gsm8k/test", "mmlu/")))
 
 
 def is_shippable(row: Row) -> bool:
@@ -91,9 +89,7 @@ def build_repo_data(shared: Path, out: Path = DATA_DIR) -> dict[str, int]:
         split: [r for r in read_jsonl(shared / f"complexity_{split}.jsonl") if is_shippable(r)]
         for split in ("train", "dev")
     }
-    ambiguous = [
-        r for r in read_jsonl(shared / "complexity_unlabelled_ambiguous.jsonl") if is_shippable(r)
-    ]
+    ambiguous = [r for r in read_jsonl(shared / "complexity_unlabelled_ambiguous.jsonl") if is_shippable(r)]
     # Ambiguous rows keep `target` (soft label) and no `label`; training reads both.
     train = [_slim(r) for r in labelled["train"]]
     train += [_slim(r) for r in ambiguous if r["split"] == "train" and r.get("target") is not None]

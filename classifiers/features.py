@@ -67,36 +67,174 @@ _DIGIT = _ascii_table("0123456789")
 # Cue word groups (lower case). Counts of these are what a person skims for.
 CUE_WORDS: dict[str, tuple[str, ...]] = {
     "constraint": (
-        "must", "should", "exactly", "least", "most", "without", "only", "ensure", "never",
-        "always", "each", "every", "require", "requires", "required", "limit", "format",
-        "include", "avoid", "cannot", "no", "not", "don", "within", "maximum", "minimum",
+        "must",
+        "should",
+        "exactly",
+        "least",
+        "most",
+        "without",
+        "only",
+        "ensure",
+        "never",
+        "always",
+        "each",
+        "every",
+        "require",
+        "requires",
+        "required",
+        "limit",
+        "format",
+        "include",
+        "avoid",
+        "cannot",
+        "no",
+        "not",
+        "don",
+        "within",
+        "maximum",
+        "minimum",
     ),
     "step": (
-        "step", "steps", "first", "then", "next", "finally", "after", "before", "explain",
-        "why", "compare", "derive", "analyze", "analyse", "design", "implement", "optimize",
-        "optimise", "debug", "justify", "evaluate", "reason", "discuss", "plan", "detail",
+        "step",
+        "steps",
+        "first",
+        "then",
+        "next",
+        "finally",
+        "after",
+        "before",
+        "explain",
+        "why",
+        "compare",
+        "derive",
+        "analyze",
+        "analyse",
+        "design",
+        "implement",
+        "optimize",
+        "optimise",
+        "debug",
+        "justify",
+        "evaluate",
+        "reason",
+        "discuss",
+        "plan",
+        "detail",
     ),
     "math": (
-        "prove", "proof", "theorem", "lemma", "integral", "derivative", "equation", "solve",
-        "compute", "calculate", "probability", "matrix", "polynomial", "integer", "prime",
-        "sum", "product", "remainder", "divisible", "real", "function", "graph", "triangle",
-        "area", "radius", "expression", "simplify", "factor", "percent", "ratio",
+        "prove",
+        "proof",
+        "theorem",
+        "lemma",
+        "integral",
+        "derivative",
+        "equation",
+        "solve",
+        "compute",
+        "calculate",
+        "probability",
+        "matrix",
+        "polynomial",
+        "integer",
+        "prime",
+        "sum",
+        "product",
+        "remainder",
+        "divisible",
+        "real",
+        "function",
+        "graph",
+        "triangle",
+        "area",
+        "radius",
+        "expression",
+        "simplify",
+        "factor",
+        "percent",
+        "ratio",
     ),
     "code": (
-        "def", "class", "return", "import", "print", "code", "python", "javascript", "java",
-        "sql", "algorithm", "array", "list", "string", "int", "void", "const", "let", "var",
-        "script", "regex", "api", "bug", "error", "compile", "program", "test", "assert",
+        "def",
+        "class",
+        "return",
+        "import",
+        "print",
+        "code",
+        "python",
+        "javascript",
+        "java",
+        "sql",
+        "algorithm",
+        "array",
+        "list",
+        "string",
+        "int",
+        "void",
+        "const",
+        "let",
+        "var",
+        "script",
+        "regex",
+        "api",
+        "bug",
+        "error",
+        "compile",
+        "program",
+        "test",
+        "assert",
     ),
     "simple": (
-        "thanks", "thank", "hello", "hi", "hey", "please", "translate", "summarize",
-        "rewrite", "fix", "spell", "synonym", "define", "name", "joke", "poem", "short",
+        "thanks",
+        "thank",
+        "hello",
+        "hi",
+        "hey",
+        "please",
+        "translate",
+        "summarize",
+        "rewrite",
+        "fix",
+        "spell",
+        "synonym",
+        "define",
+        "name",
+        "joke",
+        "poem",
+        "short",
     ),
 }
 # The first word says what kind of ask this is.
 QUESTION_WORDS = (
-    "what", "who", "when", "where", "which", "why", "how", "is", "are", "can", "does", "do",
-    "write", "explain", "describe", "list", "give", "tell", "create", "generate", "find",
-    "solve", "prove", "calculate", "compute", "let", "if", "given", "implement", "translate",
+    "what",
+    "who",
+    "when",
+    "where",
+    "which",
+    "why",
+    "how",
+    "is",
+    "are",
+    "can",
+    "does",
+    "do",
+    "write",
+    "explain",
+    "describe",
+    "list",
+    "give",
+    "tell",
+    "create",
+    "generate",
+    "find",
+    "solve",
+    "prove",
+    "calculate",
+    "compute",
+    "let",
+    "if",
+    "given",
+    "implement",
+    "translate",
 )
 # Characters counted as cues (after lower-casing; digits are counted before folding).
 CUE_CHARS = "?\n$\\=+-*/^{}();`#_<>%[]|:,."
@@ -116,9 +254,7 @@ class Features:
 
 
 def _encode(text: str) -> U64:
-    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(
-        np.uint64
-    )
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
 
 
 def word_hash(word: str) -> int:
@@ -146,9 +282,7 @@ def _powers() -> tuple[U64, U64]:
 @lru_cache(maxsize=1)
 def _cue_tables() -> tuple[U64, I64, dict[int, int]]:
     """Sorted cue-word hashes with their group ids, and first-word hash -> question-type id."""
-    pairs = sorted(
-        (word_hash(w), g) for g, words in enumerate(CUE_WORDS.values()) for w in set(words)
-    )
+    pairs = sorted((word_hash(w), g) for g, words in enumerate(CUE_WORDS.values()) for w in set(words))
     hashes = np.array([h for h, _ in pairs], dtype=np.uint64)
     groups = np.array([g for _, g in pairs], dtype=np.int64)
     first = {word_hash(w): i for i, w in enumerate(QUESTION_WORDS)}
@@ -255,9 +389,7 @@ def block_values(idx: I64, idf: F64) -> F64:
     return out
 
 
-def feature_matrix(
-    feats: Sequence[Features], idf: F64, cue_mean: F64, cue_std: F64
-) -> sparse.csr_matrix:
+def feature_matrix(feats: Sequence[Features], idf: F64, cue_mean: F64, cue_std: F64) -> sparse.csr_matrix:
     """Rows of [hashed n-gram TF-IDF (N_BUCKETS) | standardised cues (N_CUES)].
 
     An n-gram seen k times contributes k * idf / norm to its bucket, where norm is the

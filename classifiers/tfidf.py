@@ -29,7 +29,10 @@ class TfidfScorer(TextScorer):
         union = make_union(
             TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=200_000, sublinear_tf=True),
             TfidfVectorizer(
-                analyzer="char_wb", ngram_range=(3, 5), min_df=3, max_features=200_000,
+                analyzer="char_wb",
+                ngram_range=(3, 5),
+                min_df=3,
+                max_features=200_000,
                 sublinear_tf=True,
             ),
         )

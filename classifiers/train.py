@@ -74,7 +74,9 @@ def _targets(rows: Sequence[Row], config: TrainConfig) -> tuple[npt.NDArray[np.f
 
 
 def _fit(
-    x: sparse.csr_matrix, target: npt.NDArray[np.float64], weight: npt.NDArray[np.float64],
+    x: sparse.csr_matrix,
+    target: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
     config: TrainConfig,
 ) -> LogisticRegression:
     # A soft target t becomes two rows: label 1 with weight t, label 0 with weight 1 - t.
@@ -87,12 +89,16 @@ def _fit(
     return model
 
 
-def _platt(z: npt.NDArray[np.float64], y: npt.NDArray[np.float64],
-           w: npt.NDArray[np.float64]) -> tuple[float, float]:
+def _platt(
+    z: npt.NDArray[np.float64], y: npt.NDArray[np.float64], w: npt.NDArray[np.float64]
+) -> tuple[float, float]:
     """Sigmoid calibration p = 1 / (1 + exp(-(a z + b))) fitted on out-of-fold scores."""
     lr = LogisticRegression(C=1e6, tol=1e-10, max_iter=1000)
-    lr.fit(np.r_[z, z].reshape(-1, 1), np.r_[np.ones(len(z)), np.zeros(len(z))],
-           sample_weight=np.r_[w * y, w * (1 - y)])
+    lr.fit(
+        np.r_[z, z].reshape(-1, 1),
+        np.r_[np.ones(len(z)), np.zeros(len(z))],
+        sample_weight=np.r_[w * y, w * (1 - y)],
+    )
     return float(lr.coef_[0, 0]), float(lr.intercept_[0])
 
 
@@ -113,8 +119,7 @@ def fit(rows: Sequence[Row], config: TrainConfig | None = None) -> Fitted:
     oof = np.zeros(len(rows))
     folds = StratifiedKFold(config.calibration_folds, shuffle=True, random_state=config.seed)
     strata = np.rint(target).astype(int)
-    for tr, te in tqdm(list(folds.split(x, strata)), desc="calibration folds", file=sys.stderr,
-                       leave=False):
+    for tr, te in tqdm(list(folds.split(x, strata)), desc="calibration folds", file=sys.stderr, leave=False):
         oof[te] = _fit(x[tr], target[tr], weight[tr], config).decision_function(x[te])
     calib_a, calib_b = _platt(oof, target, weight)
 

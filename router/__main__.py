@@ -31,8 +31,11 @@ def _load(path: Path, *, secrets_needed: bool = True) -> Config | None:
         print(f"triage: {exc}", file=sys.stderr)
         return None
     if missing:
-        print(f"triage: warning: {path}: secrets not set here (needed by `triage serve`):\n"
-              + "\n".join(missing), file=sys.stderr)
+        print(
+            f"triage: warning: {path}: secrets not set here (needed by `triage serve`):\n"
+            + "\n".join(missing),
+            file=sys.stderr,
+        )
     return config
 
 
@@ -56,9 +59,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"triage: cannot load the classifier: {exc}", file=sys.stderr)
         return 2
     options: dict[str, Any] = {
-        "host": host, "port": port, "log_level": args.log_level, "access_log": args.access_log,
+        "host": host,
+        "port": port,
+        "log_level": args.log_level,
+        "access_log": args.access_log,
         "log_config": None,  # the gateway's own handlers and format (router/logs.py)
-        "loop": "uvloop", "http": configure_protocol(config),
+        "loop": "uvloop",
+        "http": configure_protocol(config),
         "timeout_graceful_shutdown": args.drain_timeout_s,
     }
     if args.workers > 1:
@@ -84,8 +91,10 @@ def _check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     students = ", ".join(f"{m.name} (<{m.max_score})" for m in config.students) or "none"
-    print(f"{args.config}: OK — teacher {config.teacher.name}; students {students}; "
-          f"classifier {config.classifier.kind}")
+    print(
+        f"{args.config}: OK — teacher {config.teacher.name}; students {students}; "
+        f"classifier {config.classifier.kind}"
+    )
     return 0
 
 
@@ -99,9 +108,7 @@ def _route(args: argparse.Namespace) -> int:
     scorer = load_scorer(config.classifier.kind, config.classifier.path)
     router = Router(config)
     score = scorer.score_text(args.text)
-    decision = router.decide(
-        config.routing.alias, None, score, router.estimate_tokens(len(args.text))
-    )
+    decision = router.decide(config.routing.alias, None, score, router.estimate_tokens(len(args.text)))
     print(f"score {score:.3f} -> {decision.model.name} ({decision.reason})")
     return 0
 
@@ -115,17 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--access-log", action="store_true",
-                       help="also log uvicorn's own access lines (the gateway logs one line per "
-                            "completion request already; see server.access_log)")
-    serve.add_argument("--log-format", choices=["plain", "json"],
-                       help="log line format (default: server.log_format, plain)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="worker processes (metrics are aggregated across them)")
-    serve.add_argument("--drain-timeout-s", type=float, default=30.0,
-                       help="on SIGTERM, wait this long for in-flight requests")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="also log uvicorn's own access lines (the gateway logs one line per "
+        "completion request already; see server.access_log)",
+    )
+    serve.add_argument(
+        "--log-format", choices=["plain", "json"], help="log line format (default: server.log_format, plain)"
+    )
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes (metrics are aggregated across them)"
+    )
+    serve.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, wait this long for in-flight requests",
+    )
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")

@@ -56,8 +56,7 @@ class Accountant:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self._metrics = metrics
         self._prices = {
-            m.name: (m.price.input_per_mtok / 1e6, m.price.output_per_mtok / 1e6)
-            for m in config.models
+            m.name: (m.price.input_per_mtok / 1e6, m.price.output_per_mtok / 1e6) for m in config.models
         }
         teacher = config.teacher.price
         self._teacher_price = (teacher.input_per_mtok / 1e6, teacher.output_per_mtok / 1e6)

@@ -47,17 +47,26 @@ _READY_CACHE_S = 2.0
 # fuzzers know what an error response looks like.
 _ERROR: dict[str, Any] = {
     "description": "OpenAI error envelope",
-    "content": {"application/json": {"schema": {
-        "type": "object", "required": ["error"],
-        "properties": {"error": {
-            "type": "object", "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"}, "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "integer", "null"]},
-            },
-        }},
-    }}},
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["message", "type", "param", "code"],
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "integer", "null"]},
+                        },
+                    }
+                },
+            }
+        }
+    },
 }
 
 
@@ -122,7 +131,8 @@ class TriageApp(FastAPI):
                     # Nothing has been sent yet: answer with the OpenAI envelope, not a bare 500.
                     log.exception("unhandled error on %s", scope["path"])
                     response = Response(
-                        error_body("The gateway hit an internal error.", "internal_error"), 500,
+                        error_body("The gateway hit an internal error.", "internal_error"),
+                        500,
                         media_type="application/json",
                     )
                 finally:
@@ -245,8 +255,11 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await handle_completion(request, "completions")
 
-    @app.get("/v1/models", summary="List the routing alias and the configured models",
-             responses={401: _ERROR, 500: _ERROR})
+    @app.get(
+        "/v1/models",
+        summary="List the routing alias and the configured models",
+        responses={401: _ERROR, 500: _ERROR},
+    )
     async def list_models(request: Request) -> JSONResponse:
         gw: Gateway = request.app.state.gateway
         gw.auth.authenticate(request.headers.get("authorization"))
@@ -275,8 +288,11 @@ def create_app(
         check_token(gw.auth.metrics_token, request.headers.get("authorization"))
         return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload", summary="Reload config.yaml (when admin.reload_endpoint is on)",
-              responses={400: _ERROR, 401: _ERROR, 404: _ERROR, 500: _ERROR})
+    @app.post(
+        "/admin/reload",
+        summary="Reload config.yaml (when admin.reload_endpoint is on)",
+        responses={400: _ERROR, 401: _ERROR, 404: _ERROR, 500: _ERROR},
+    )
     async def admin_reload(request: Request) -> JSONResponse:
         gw: Gateway = request.app.state.gateway
         if not gw.config.admin.reload_endpoint:
@@ -286,8 +302,15 @@ def create_app(
             new = await request.app.state.reloader.reload()
         except ReloadError as exc:
             return JSONResponse(
-                {"error": {"message": str(exc), "type": "invalid_request_error",
-                           "param": None, "code": "invalid_config"}}, 400,
+                {
+                    "error": {
+                        "message": str(exc),
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_config",
+                    }
+                },
+                400,
             )
         return JSONResponse({"status": "reloaded", "models": [m.name for m in new.models]})
 
@@ -300,8 +323,10 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         type_ = "invalid_request_error" if exc.status_code < 500 else "internal_error"
         return Response(
-            error_body(str(exc.detail), type_), exc.status_code,
-            headers=exc.headers, media_type="application/json",
+            error_body(str(exc.detail), type_),
+            exc.status_code,
+            headers=exc.headers,
+            media_type="application/json",
         )
 
     @app.exception_handler(Exception)
@@ -311,7 +336,8 @@ def create_app(
         # The message stays generic: exception text can carry paths or upstream detail.
         log.exception("unhandled error on %s", request.url.path)
         return Response(
-            error_body("The gateway hit an internal error.", "internal_error"), 500,
+            error_body("The gateway hit an internal error.", "internal_error"),
+            500,
             media_type="application/json",
         )
 
@@ -328,11 +354,18 @@ def _log_start(config: Config) -> None:
     classifier = config.classifier.kind + (
         f" {config.classifier.path.name}" if config.classifier.path is not None else ""
     )
-    event(log, logging.INFO, "gateway started", version=__version__,
-          teacher=config.teacher.name,
-          students=",".join(f"{m.name}<{m.max_score:g}" for m in config.students) or None,
-          classifier=classifier, auth=mode, alias=config.routing.alias,
-          max_inflight=config.server.max_inflight_requests)
+    event(
+        log,
+        logging.INFO,
+        "gateway started",
+        version=__version__,
+        teacher=config.teacher.name,
+        students=",".join(f"{m.name}<{m.max_score:g}" for m in config.students) or None,
+        classifier=classifier,
+        auth=mode,
+        alias=config.routing.alias,
+        max_inflight=config.server.max_inflight_requests,
+    )
 
 
 def app_from_env() -> FastAPI:

@@ -89,21 +89,24 @@ class KeyState:
         if self.budget_usd is not None and self.spent_usd >= self.budget_usd:
             raise RateLimited(
                 f"API key {self.name!r} has spent its ${self.budget_usd:g} budget.",
-                "budget_exceeded", None,
+                "budget_exceeded",
+                None,
             )
         if self.tokens is not None:
             wait = self.tokens.wait_s(1.0)
             if wait > 0:
                 raise RateLimited(
                     f"API key {self.name!r} is over its tokens-per-minute limit.",
-                    "tokens_per_minute", wait,
+                    "tokens_per_minute",
+                    wait,
                 )
         if self.requests is not None:
             wait = self.requests.wait_s(1.0)
             if wait > 0:
                 raise RateLimited(
                     f"API key {self.name!r} is over its requests-per-minute limit.",
-                    "requests_per_minute", wait,
+                    "requests_per_minute",
+                    wait,
                 )
             self.requests.take(1.0)
 

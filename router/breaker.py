@@ -26,7 +26,9 @@ class Breaker:
     """The state of one endpoint; `on_change(state)` is called on every transition."""
 
     def __init__(
-        self, failure_threshold: int, open_s: float,
+        self,
+        failure_threshold: int,
+        open_s: float,
         on_change: Callable[[State], None] | None = None,
     ) -> None:
         self.failure_threshold = failure_threshold

@@ -57,32 +57,35 @@ class ServerConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    max_body_bytes: int = Field(
-        4 * 1024 * 1024, gt=0, description="Request bodies larger than this get 413."
-    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Request bodies larger than this get 413.")
     max_header_bytes: int = Field(
-        64 * 1024, ge=1024,
+        64 * 1024,
+        ge=1024,
         description="A request head (request line and all headers) larger than this gets 431.",
     )
     max_header_line_bytes: int = Field(
         16 * 1024, ge=256, description="One header (name and value) larger than this gets 431."
     )
     header_timeout_s: float = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="A connection must deliver a whole request head within this long of opening "
         "(or of its previous response); otherwise it is closed.",
     )
     body_timeout_s: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="A request body must arrive in full within this long of its head; otherwise 408.",
     )
     max_connections: int | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Open client connections; past it the oldest idle one is closed, or the new one "
         "refused. Default: what the process's open-file limit leaves after upstream pools.",
     )
     max_inflight_requests: int = Field(
-        1024, gt=0,
+        1024,
+        gt=0,
         description="Completion requests admitted at once; more get 503 `overloaded` with Retry-After.",
     )
     log_format: Literal["plain", "json"] = Field(
@@ -114,7 +117,8 @@ class QualityChecks(_Strict):
     )
     tool_calls: bool = Field(True, description="Escalate tool calls with no name or non-JSON arguments.")
     min_mean_logprob: float | None = Field(
-        None, le=0,
+        None,
+        le=0,
         description="Escalate when the mean token logprob is below this; asks students for logprobs.",
     )
     repetition_ngram: int = Field(4, ge=2, le=32)
@@ -166,12 +170,14 @@ class ModelConfig(_Strict):
         200, gt=0, description="Pooled connections to this model (requests beyond it wait for one)."
     )
     pool_timeout_s: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="Longest wait for a free pooled connection; then 503 `overloaded`. Waiting is "
         "not an upstream failure: it never opens a breaker or causes a fallback.",
     )
     max_response_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024,
+        32 * 1024 * 1024,
+        ge=1024,
         description="Largest upstream answer accepted (after decompression); more is an upstream error.",
     )
     keepalive_timeout_s: float = Field(30.0, gt=0, description="Idle time before a pooled connection closes.")
@@ -215,7 +221,8 @@ class CascadeConfig(_Strict):
         300.0, ge=0, description="Stop holding once this long has passed since the first event."
     )
     max_escalation_usd: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Skip quality escalation when the teacher call would cost more (estimate).",
     )
 
@@ -245,14 +252,16 @@ class RoutingConfig(_Strict):
         3, ge=1, description="Consecutive failures that open an endpoint's circuit."
     )
     request_deadline_s: float = Field(
-        300.0, gt=0,
+        300.0,
+        gt=0,
         description="Overall limit for a request across retries and fallback (to the first byte "
         "of a stream).",
     )
     retry_budget_ratio: float = Field(
-        0.2, ge=0, le=1,
-        description="Retries and fallbacks allowed per request on average, so they cannot "
-        "amplify an outage.",
+        0.2,
+        ge=0,
+        le=1,
+        description="Retries and fallbacks allowed per request on average, so they cannot amplify an outage.",
     )
     retry_budget_burst: int = Field(20, ge=0, description="Retries allowed in a burst.")
     chars_per_token: float = Field(
@@ -260,7 +269,9 @@ class RoutingConfig(_Strict):
     )
     cascade: CascadeConfig = CascadeConfig()
     target_student_share: float | None = Field(
-        None, gt=0, lt=1,
+        None,
+        gt=0,
+        lt=1,
         description="Move student thresholds so this share of classifier-routed traffic goes to students.",
     )
     min_score_threshold: float = Field(0.05, gt=0, lt=1)
@@ -293,7 +304,8 @@ class AuthConfig(_Strict):
     """Client API keys and limits; with no keys configured the gateway is open."""
 
     keys_env: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Env var with comma-separated `name:key` pairs (or bare keys).",
     )
     keys_file: Path | None = Field(
@@ -334,9 +346,7 @@ class Config(_Strict):
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
         if self.routing.alias in names:
-            raise ValueError(
-                f"routing.alias {self.routing.alias!r} is also a model name; pick another alias"
-            )
+            raise ValueError(f"routing.alias {self.routing.alias!r} is also a model name; pick another alias")
         pinnable = [("routing.pinnable_models", self.routing.pinnable_models or [])]
         pinnable += [(f"auth.pinning.{k}", v) for k, v in self.auth.pinning.items()]
         for where, listed in pinnable:
@@ -401,15 +411,14 @@ def load_config(
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path} has {exc.error_count()} error(s):\n"
-                          + format_validation_error(exc)) from None
+        raise ConfigError(
+            f"{path} has {exc.error_count()} error(s):\n" + format_validation_error(exc)
+        ) from None
     problems: list[str] = []
     secrets = problems if missing_secrets is None else missing_secrets
     for i, m in enumerate(config.models):
         if m.api_key_env and not env.get(m.api_key_env):
-            secrets.append(
-                f"  models.{i}.api_key_env  environment variable {m.api_key_env} is not set"
-            )
+            secrets.append(f"  models.{i}.api_key_env  environment variable {m.api_key_env} is not set")
     for field in ("keys_env", "metrics_token_env", "admin_token_env"):
         var = getattr(config.auth, field)
         if var and not env.get(var):
@@ -417,9 +426,7 @@ def load_config(
     kpath = config.auth.keys_file
     if kpath is not None and not kpath.is_absolute():
         kpath = (path.parent / kpath).resolve()
-        config = config.model_copy(
-            update={"auth": config.auth.model_copy(update={"keys_file": kpath})}
-        )
+        config = config.model_copy(update={"auth": config.auth.model_copy(update={"keys_file": kpath})})
     if kpath is not None and not kpath.is_file():
         problems.append(f"  auth.keys_file  file not found: {kpath}")
     cpath = config.classifier.path

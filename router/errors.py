@@ -11,6 +11,8 @@
     ├── Overloaded                  503 server_error / overloaded (with Retry-After)
     └── UpstreamError               502 upstream_error
         ├── UpstreamUnavailable     502 upstream_error (connect refused, reset, bad body)
+        │   ├── UpstreamTooLarge    502 upstream_error (answer over max_response_bytes)
+        │   └── UpstreamRedirect    502 upstream_error (a 3xx: never followed)
         ├── UpstreamTimeout         504 upstream_timeout
         └── UpstreamStatus          upstream's own status and body, passed through
 
@@ -38,17 +40,17 @@ __all__ = [
     "Overloaded",
     "RateLimited",
     "UpstreamError",
+    "UpstreamRedirect",
     "UpstreamStatus",
     "UpstreamTimeout",
+    "UpstreamTooLarge",
     "UpstreamUnavailable",
     "error_body",
     "map_upstream_errors",
 ]
 
 
-def error_body(
-    message: str, type_: str, param: str | None = None, code: str | int | None = None
-) -> bytes:
+def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> bytes:
     """Serialise an OpenAI error envelope."""
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
@@ -154,6 +156,18 @@ class UpstreamUnavailable(UpstreamError):
     """Connect refused, connection reset, or a body that is not what the protocol promises."""
 
     kind = "unavailable"
+
+
+class UpstreamTooLarge(UpstreamUnavailable):
+    """The upstream's answer is larger than the model's `max_response_bytes`."""
+
+    kind = "too_large"
+
+
+class UpstreamRedirect(UpstreamUnavailable):
+    """The upstream answered 3xx. Never followed: the prompt would be re-sent to another host."""
+
+    kind = "redirect"
 
 
 class UpstreamTimeout(UpstreamError):

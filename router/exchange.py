@@ -94,8 +94,11 @@ class Exchange:
             options["include_usage"] = True
             payload["stream_options"] = options
         self.strip_logprobs = False
-        if (self.checks_apply(model) and model.checks.min_mean_logprob is not None
-                and not payload.get("logprobs")):
+        if (
+            self.checks_apply(model)
+            and model.checks.min_mean_logprob is not None
+            and not payload.get("logprobs")
+        ):
             payload["logprobs"] = True if self.endpoint == "chat" else 1
             self.strip_logprobs = True
         return orjson.dumps(payload)
@@ -129,8 +132,14 @@ class Exchange:
         self.record(model.name, usage, served=False)
         self.gateway.metrics.fallbacks.labels(model.name, reason).inc()
         self.fallback_reason = reason
-        event(UPSTREAM, logging.WARNING, "quality check failed", request_id=self.request_id,
-              model=model.name, check=reason)
+        event(
+            UPSTREAM,
+            logging.WARNING,
+            "quality check failed",
+            request_id=self.request_id,
+            model=model.name,
+            check=reason,
+        )
         return QualityFailure(model.name, reason)
 
     def finish(
@@ -149,12 +158,21 @@ class Exchange:
         if ACCESS.isEnabledFor(logging.INFO):
             score = self.decision.score
             event(
-                ACCESS, logging.INFO, "request", request_id=self.request_id,
-                key=None if self.key is None else self.key.name, endpoint=self.endpoint,
-                requested=self.payload.get("model"), model=model if answered else None,
-                attempted=",".join(self.attempted) or None, reason=reason,
-                score=None if score is None else round(score, 3), status=status,
-                stream=self.stream, latency_ms=round(total * 1000, 1),
-                upstream_ms=round(self.upstream_s * 1000, 1), fallback=self.fallback_reason,
+                ACCESS,
+                logging.INFO,
+                "request",
+                request_id=self.request_id,
+                key=None if self.key is None else self.key.name,
+                endpoint=self.endpoint,
+                requested=self.payload.get("model"),
+                model=model if answered else None,
+                attempted=",".join(self.attempted) or None,
+                reason=reason,
+                score=None if score is None else round(score, 3),
+                status=status,
+                stream=self.stream,
+                latency_ms=round(total * 1000, 1),
+                upstream_ms=round(self.upstream_s * 1000, 1),
+                fallback=self.fallback_reason,
                 error=note,
             )

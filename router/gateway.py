@@ -55,8 +55,11 @@ class Gateway:
         routing = config.routing
         self.pools = {
             m.name: ModelPool(
-                m, routing.endpoint_cooldown_s, routing.breaker_failures,
-                self._circuit_callback(m.name), metrics=metrics,
+                m,
+                routing.endpoint_cooldown_s,
+                routing.breaker_failures,
+                self._circuit_callback(m.name),
+                metrics=metrics,
             )
             for m in config.models
         }
@@ -76,8 +79,11 @@ class Gateway:
             m.name: compile_refusals(m.checks) for m in config.students
         }
         self.shadow = Shadow(
-            config.routing.shadow_rate, config.routing.shadow_max_concurrency,
-            self.pools[self.teacher.name], metrics, self.accountant,
+            config.routing.shadow_rate,
+            config.routing.shadow_max_concurrency,
+            self.pools[self.teacher.name],
+            metrics,
+            self.accountant,
         )
         target = config.routing.target_student_share
         metrics.student_share_target.set(target if target is not None else math.nan)
@@ -87,8 +93,7 @@ class Gateway:
         """Admit one completion request, or raise Overloaded past the in-flight limit."""
         if self.admission.inflight >= self._max_inflight:
             raise Overloaded(
-                f"The gateway is at its limit of {self._max_inflight} requests in flight; "
-                "retry shortly.",
+                f"The gateway is at its limit of {self._max_inflight} requests in flight; retry shortly.",
                 retry_after_s=1.0,
             )
         self.admission.inflight += 1
@@ -105,8 +110,14 @@ class Gateway:
         def changed(idx: int, state: State) -> None:
             self.metrics.circuit_state.labels(model, str(idx)).set(_STATE_VALUE[state])
             self.metrics.circuit_transitions.labels(model, str(idx), state).inc()
-            event(UPSTREAM, logging.INFO if state == "closed" else logging.WARNING,
-                  "circuit breaker", model=model, endpoint=idx, state=state)
+            event(
+                UPSTREAM,
+                logging.INFO if state == "closed" else logging.WARNING,
+                "circuit breaker",
+                model=model,
+                endpoint=idx,
+                state=state,
+            )
 
         return changed
 

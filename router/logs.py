@@ -73,7 +73,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
-            "ts": _timestamp(record), "level": record.levelname, "logger": record.name,
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
             "msg": record.getMessage(),
         }
         fields = getattr(record, "fields", None)

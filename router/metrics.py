@@ -26,14 +26,30 @@ __all__ = ["FALLBACK_REASONS", "POOL_STATES", "UPSTREAM_ERROR_TYPES", "Metrics",
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # The gateway's own time per request is micro- to milliseconds.
 OVERHEAD_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.1,
 )
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 CLASSIFIER_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005)
 
 FALLBACK_REASONS = (
-    "upstream_error", "timeout", "empty", "length", "refusal", "invalid_json", "tool_call",
-    "low_confidence", "repetition",
+    "upstream_error",
+    "timeout",
+    "empty",
+    "length",
+    "refusal",
+    "invalid_json",
+    "tool_call",
+    "low_confidence",
+    "repetition",
 )
 UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated", "too_large", "redirect")
 POOL_STATES = ("in_use", "waiting")
@@ -78,158 +94,289 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.requests = Family(Counter(
-            "triage_requests", "Requests answered, by serving model, route reason and status class.",
-            ["model", "reason", "status_class"], registry=registry,
-        ))
-        self.routing_decisions = Family(Counter(
-            "triage_routing_decisions", "Initial routing decisions by chosen model and reason.",
-            ["model", "reason"], registry=registry,
-        ))
-        self.prompt_tokens = Family(Counter(
-            "triage_prompt_tokens", "Prompt tokens by model; estimated=true when upstream gave no usage.",
-            ["model", "estimated"], registry=registry,
-        ))
-        self.completion_tokens = Family(Counter(
-            "triage_completion_tokens",
-            "Completion tokens by model; estimated=true when upstream gave no usage.",
-            ["model", "estimated"], registry=registry,
-        ))
-        self.usage_missing = Family(Counter(
-            "triage_usage_missing", "Upstream answers that carried no usage (tokens estimated).",
-            ["model"], registry=registry,
-        ))
-        self.cost = Family(Counter(
-            "triage_cost_usd", "Spend in USD by model, every attempt included.",
-            ["model"], registry=registry,
-        ))
-        self.teacher_cost = Family(Counter(
-            "triage_teacher_equivalent_cost_usd",
-            "What the served answers would have cost at the teacher's prices, by serving model.",
-            ["model"], registry=registry,
-        ))
-        self.fallbacks = Family(Counter(
-            "triage_fallbacks", "Requests moved from one model to the teacher, by reason.",
-            ["model", "reason"], registry=registry,
-        ))
-        self.upstream_errors = Family(Counter(
-            "triage_upstream_errors", "Failed upstream attempts by model and error type.",
-            ["model", "type"], registry=registry,
-        ))
+        self.requests = Family(
+            Counter(
+                "triage_requests",
+                "Requests answered, by serving model, route reason and status class.",
+                ["model", "reason", "status_class"],
+                registry=registry,
+            )
+        )
+        self.routing_decisions = Family(
+            Counter(
+                "triage_routing_decisions",
+                "Initial routing decisions by chosen model and reason.",
+                ["model", "reason"],
+                registry=registry,
+            )
+        )
+        self.prompt_tokens = Family(
+            Counter(
+                "triage_prompt_tokens",
+                "Prompt tokens by model; estimated=true when upstream gave no usage.",
+                ["model", "estimated"],
+                registry=registry,
+            )
+        )
+        self.completion_tokens = Family(
+            Counter(
+                "triage_completion_tokens",
+                "Completion tokens by model; estimated=true when upstream gave no usage.",
+                ["model", "estimated"],
+                registry=registry,
+            )
+        )
+        self.usage_missing = Family(
+            Counter(
+                "triage_usage_missing",
+                "Upstream answers that carried no usage (tokens estimated).",
+                ["model"],
+                registry=registry,
+            )
+        )
+        self.cost = Family(
+            Counter(
+                "triage_cost_usd",
+                "Spend in USD by model, every attempt included.",
+                ["model"],
+                registry=registry,
+            )
+        )
+        self.teacher_cost = Family(
+            Counter(
+                "triage_teacher_equivalent_cost_usd",
+                "What the served answers would have cost at the teacher's prices, by serving model.",
+                ["model"],
+                registry=registry,
+            )
+        )
+        self.fallbacks = Family(
+            Counter(
+                "triage_fallbacks",
+                "Requests moved from one model to the teacher, by reason.",
+                ["model", "reason"],
+                registry=registry,
+            )
+        )
+        self.upstream_errors = Family(
+            Counter(
+                "triage_upstream_errors",
+                "Failed upstream attempts by model and error type.",
+                ["model", "type"],
+                registry=registry,
+            )
+        )
         self.score = Histogram(
-            "triage_classifier_score", "Complexity scores of routed requests.",
-            buckets=SCORE_BUCKETS, registry=registry,
+            "triage_classifier_score",
+            "Complexity scores of routed requests.",
+            buckets=SCORE_BUCKETS,
+            registry=registry,
         )
         self.classifier_duration = Histogram(
-            "triage_classifier_duration_seconds", "Time to score one request.",
-            buckets=CLASSIFIER_BUCKETS, registry=registry,
+            "triage_classifier_duration_seconds",
+            "Time to score one request.",
+            buckets=CLASSIFIER_BUCKETS,
+            registry=registry,
         )
-        self.request_duration = Family(Histogram(
-            "triage_request_duration_seconds", "Total request time by serving model.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        ))
-        self.ttft = Family(Histogram(
-            "triage_time_to_first_token_seconds", "Time to the first streamed event, by model.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        ))
-        self.upstream_duration = Family(Histogram(
-            "triage_upstream_duration_seconds", "Time spent waiting on upstreams, by model.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        ))
+        self.request_duration = Family(
+            Histogram(
+                "triage_request_duration_seconds",
+                "Total request time by serving model.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            )
+        )
+        self.ttft = Family(
+            Histogram(
+                "triage_time_to_first_token_seconds",
+                "Time to the first streamed event, by model.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            )
+        )
+        self.upstream_duration = Family(
+            Histogram(
+                "triage_upstream_duration_seconds",
+                "Time spent waiting on upstreams, by model.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            )
+        )
         self.overhead = Histogram(
-            "triage_overhead_seconds", "Gateway time per request: total minus upstream time.",
-            buckets=OVERHEAD_BUCKETS, registry=registry,
+            "triage_overhead_seconds",
+            "Gateway time per request: total minus upstream time.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
         )
-        self.inflight = Family(Gauge(
-            "triage_inflight_requests", "Requests in flight by model.", ["model"], registry=registry,
-            multiprocess_mode="livesum",
-        ))
+        self.inflight = Family(
+            Gauge(
+                "triage_inflight_requests",
+                "Requests in flight by model.",
+                ["model"],
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
+        )
         self.student_share = Gauge(
             "triage_student_share",
             "Share of classifier-routed requests sent to students over the recent window.",
-            registry=registry, multiprocess_mode="livemostrecent",
+            registry=registry,
+            multiprocess_mode="livemostrecent",
         )
         self.student_share_target = Gauge(
             "triage_student_share_target",
             "Configured target share of classifier-routed requests for students (NaN when unset).",
-            registry=registry, multiprocess_mode="max",
+            registry=registry,
+            multiprocess_mode="max",
         )
-        self.score_threshold = Family(Gauge(
-            "triage_score_threshold", "Effective max_score of each student right now.",
-            ["model"], registry=registry, multiprocess_mode="livemostrecent",
-        ))
-        self.shadow_agreement = Family(Histogram(
-            "triage_shadow_agreement", "Agreement in [0, 1] of a student's answer with the teacher's.",
-            ["model"], buckets=SCORE_BUCKETS, registry=registry,
-        ))
-        self.shadow_cost = Family(Counter(
-            "triage_shadow_cost_usd", "Spend on shadow teacher calls, by the student shadowed.",
-            ["model"], registry=registry,
-        ))
-        self.shadow_requests = Family(Counter(
-            "triage_shadow_requests", "Shadow comparisons by student and outcome.",
-            ["model", "outcome"], registry=registry,
-        ))
-        self.circuit_state = Family(Gauge(
-            "triage_circuit_state", "Endpoint circuit: 0 closed, 1 half-open, 2 open.",
-            ["model", "endpoint"], registry=registry, multiprocess_mode="livemax",
-        ))
-        self.circuit_transitions = Family(Counter(
-            "triage_circuit_transitions", "Circuit breaker transitions by the state entered.",
-            ["model", "endpoint", "state"], registry=registry,
-        ))
+        self.score_threshold = Family(
+            Gauge(
+                "triage_score_threshold",
+                "Effective max_score of each student right now.",
+                ["model"],
+                registry=registry,
+                multiprocess_mode="livemostrecent",
+            )
+        )
+        self.shadow_agreement = Family(
+            Histogram(
+                "triage_shadow_agreement",
+                "Agreement in [0, 1] of a student's answer with the teacher's.",
+                ["model"],
+                buckets=SCORE_BUCKETS,
+                registry=registry,
+            )
+        )
+        self.shadow_cost = Family(
+            Counter(
+                "triage_shadow_cost_usd",
+                "Spend on shadow teacher calls, by the student shadowed.",
+                ["model"],
+                registry=registry,
+            )
+        )
+        self.shadow_requests = Family(
+            Counter(
+                "triage_shadow_requests",
+                "Shadow comparisons by student and outcome.",
+                ["model", "outcome"],
+                registry=registry,
+            )
+        )
+        self.circuit_state = Family(
+            Gauge(
+                "triage_circuit_state",
+                "Endpoint circuit: 0 closed, 1 half-open, 2 open.",
+                ["model", "endpoint"],
+                registry=registry,
+                multiprocess_mode="livemax",
+            )
+        )
+        self.circuit_transitions = Family(
+            Counter(
+                "triage_circuit_transitions",
+                "Circuit breaker transitions by the state entered.",
+                ["model", "endpoint", "state"],
+                registry=registry,
+            )
+        )
         self.retry_budget_exhausted = Counter(
             "triage_retry_budget_exhausted",
             "Retries or fallbacks refused because the retry budget was spent.",
             registry=registry,
         )
-        self.deadline_exceeded = Family(Counter(
-            "triage_deadline_exceeded", "Requests ended by the overall request deadline.",
-            ["model"], registry=registry,
-        ))
-        self.model_info = Family(Gauge(
-            "triage_model_info", "Always 1; the role of each configured model.",
-            ["model", "role"], registry=registry, multiprocess_mode="max",
-        ))
-        self.rejected = Family(Counter(
-            "triage_rejected_requests",
-            "Requests refused before routing (bad body, unknown model, too large, auth, limits).",
-            ["code"], registry=registry,
-        ))
-        self.rate_limited = Family(Counter(
-            "triage_rate_limited", "Requests refused by a per-key limit, by key name and limit.",
-            ["key", "limit"], registry=registry,
-        ))
-        self.key_cost = Family(Counter(
-            "triage_key_cost_usd", "Spend in USD by client key name.", ["key"], registry=registry,
-        ))
-        self.reloads = Family(Counter(
-            "triage_config_reloads", "Config reloads by result.", ["result"], registry=registry,
-        ))
-        self.pool_connections = Family(Gauge(
-            "triage_upstream_pool_connections",
-            "Requests holding (in_use) or queued for (waiting) a pooled upstream connection, by model.",
-            ["model", "state"], registry=registry, multiprocess_mode="livesum",
-        ))
-        self.pool_timeouts = Family(Counter(
-            "triage_upstream_pool_timeouts",
-            "Requests that waited pool_timeout_s for a pooled connection and got 503, by model.",
-            ["model"], registry=registry,
-        ))
+        self.deadline_exceeded = Family(
+            Counter(
+                "triage_deadline_exceeded",
+                "Requests ended by the overall request deadline.",
+                ["model"],
+                registry=registry,
+            )
+        )
+        self.model_info = Family(
+            Gauge(
+                "triage_model_info",
+                "Always 1; the role of each configured model.",
+                ["model", "role"],
+                registry=registry,
+                multiprocess_mode="max",
+            )
+        )
+        self.rejected = Family(
+            Counter(
+                "triage_rejected_requests",
+                "Requests refused before routing (bad body, unknown model, too large, auth, limits).",
+                ["code"],
+                registry=registry,
+            )
+        )
+        self.rate_limited = Family(
+            Counter(
+                "triage_rate_limited",
+                "Requests refused by a per-key limit, by key name and limit.",
+                ["key", "limit"],
+                registry=registry,
+            )
+        )
+        self.key_cost = Family(
+            Counter(
+                "triage_key_cost_usd",
+                "Spend in USD by client key name.",
+                ["key"],
+                registry=registry,
+            )
+        )
+        self.reloads = Family(
+            Counter(
+                "triage_config_reloads",
+                "Config reloads by result.",
+                ["result"],
+                registry=registry,
+            )
+        )
+        self.pool_connections = Family(
+            Gauge(
+                "triage_upstream_pool_connections",
+                "Requests holding (in_use) or queued for (waiting) a pooled upstream connection, by model.",
+                ["model", "state"],
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
+        )
+        self.pool_timeouts = Family(
+            Counter(
+                "triage_upstream_pool_timeouts",
+                "Requests that waited pool_timeout_s for a pooled connection and got 503, by model.",
+                ["model"],
+                registry=registry,
+            )
+        )
         self.admitted = Gauge(
             "triage_admitted_requests",
             "Completion requests in progress against server.max_inflight_requests.",
-            registry=registry, multiprocess_mode="livesum",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
-        self.client_disconnects = Family(Counter(
-            "triage_client_disconnects",
-            "Requests whose client left before the answer; upstream work was cancelled. By model.",
-            ["model"], registry=registry,
-        ))
-        self.build_info = Family(Gauge(
-            "triage_build_info", "Always 1; labels carry the version and config hash.",
-            ["version", "config_hash"], registry=registry, multiprocess_mode="max",
-        ))
+        self.client_disconnects = Family(
+            Counter(
+                "triage_client_disconnects",
+                "Requests whose client left before the answer; upstream work was cancelled. By model.",
+                ["model"],
+                registry=registry,
+            )
+        )
+        self.build_info = Family(
+            Gauge(
+                "triage_build_info",
+                "Always 1; labels carry the version and config hash.",
+                ["version", "config_hash"],
+                registry=registry,
+                multiprocess_mode="max",
+            )
+        )
 
     def precreate(self, models: Iterable[str], reasons: Iterable[str]) -> None:
         """Create the known label sets so every series exists from the first scrape."""

@@ -35,11 +35,15 @@ def _whole_number(value: Any) -> Any:
 
 
 TokenCount = Annotated[
-    int, BeforeValidator(_whole_number), Field(ge=1, le=MAX_TOKENS),
+    int,
+    BeforeValidator(_whole_number),
+    Field(ge=1, le=MAX_TOKENS),
     WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_TOKENS}),
 ]
 ChoiceCount = Annotated[
-    int, BeforeValidator(_whole_number), Field(ge=1, le=MAX_N),
+    int,
+    BeforeValidator(_whole_number),
+    Field(ge=1, le=MAX_N),
     WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_N}),
 ]
 

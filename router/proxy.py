@@ -199,14 +199,26 @@ def _client_gone(ex: Exchange | None) -> None:
 
 
 def _rejected(
-    gw: Gateway, request: Request, endpoint: Endpoint, request_id: str, exc: GatewayError,
+    gw: Gateway,
+    request: Request,
+    endpoint: Endpoint,
+    request_id: str,
+    exc: GatewayError,
     key: str | None,
 ) -> None:
     gw.metrics.rejected.labels(str(exc.status_code)).inc()
     if ACCESS.isEnabledFor(logging.INFO):
         code = exc.code if exc.code is not None else exc.type
-        event(ACCESS, logging.INFO, "rejected", request_id=request_id, key=key, endpoint=endpoint,
-              status=exc.status_code, error=code)
+        event(
+            ACCESS,
+            logging.INFO,
+            "rejected",
+            request_id=request_id,
+            key=key,
+            endpoint=endpoint,
+            status=exc.status_code,
+            error=code,
+        )
 
 
 async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response:
@@ -235,7 +247,10 @@ async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response
             gw.metrics.score.observe(score)
         budget = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
         decision = gw.router.decide(
-            requested, override, score, gw.router.estimate_tokens(chars) + budget,
+            requested,
+            override,
+            score,
+            gw.router.estimate_tokens(chars) + budget,
             None if key is None else key.name,
         )
         budget_usd = _budget_header(request)
@@ -253,10 +268,16 @@ async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response
     options = payload.get("stream_options")
     cascade = config.routing.cascade
     ex = Exchange(
-        gateway=gw, endpoint=endpoint, request_id=request_id, started=started, payload=payload,
-        decision=decision, stream=stream,
+        gateway=gw,
+        endpoint=endpoint,
+        request_id=request_id,
+        started=started,
+        payload=payload,
+        decision=decision,
+        stream=stream,
         client_wants_usage=stream and isinstance(options, dict) and options.get("include_usage") is True,
-        prompt_chars=chars, quality_on=cascade.enabled and not opted_out,
+        prompt_chars=chars,
+        quality_on=cascade.enabled and not opted_out,
         fallback_on=config.routing.fallback_to_teacher and not opted_out,
         escalation_budget_usd=budget_usd if budget_usd is not None else cascade.max_escalation_usd,
         key=key,
@@ -278,8 +299,7 @@ async def _serve(ex: Exchange) -> Response:
         exc = UpstreamTimeout(
             f"the request did not complete within {gw.config.routing.request_deadline_s:g} s"
         )
-        ex.finish(model.name, ex.decision.reason, exc.status_code, answered=False,
-                  note="deadline")
+        ex.finish(model.name, ex.decision.reason, exc.status_code, answered=False, note="deadline")
         return _error_response(exc, ex.headers(None, ex.decision.reason))
 
 
@@ -307,9 +327,16 @@ async def _attempts(ex: Exchange) -> Response:
             gw.metrics.fallbacks.labels(plan[0].name, fb).inc()
             ex.fallback_reason = fb
         if step > 0:
-            event(UPSTREAM, logging.WARNING, "fallback", request_id=ex.request_id,
-                  model=plan[0].name, to=model.name, reason=ex.fallback_reason,
-                  detail=None if last is None else last.message)
+            event(
+                UPSTREAM,
+                logging.WARNING,
+                "fallback",
+                request_id=ex.request_id,
+                model=plan[0].name,
+                to=model.name,
+                reason=ex.fallback_reason,
+                detail=None if last is None else last.message,
+            )
         pool = gw.pools[model.name]
         tried: set[int] = set()
         for _ in range(1 + gw.config.routing.retries_per_model):
@@ -323,7 +350,7 @@ async def _attempts(ex: Exchange) -> Response:
             if made and isinstance(last, UpstreamError) and not gw.retry_budget.try_spend():
                 pool.release(idx)
                 gw.metrics.retry_budget_exhausted.inc()
-                return _give_up(ex, plan[:step + 1], last)
+                return _give_up(ex, plan[: step + 1], last)
             tried.add(idx)
             made += 1
             ex.attempted.append(model.name)
@@ -356,8 +383,15 @@ async def _attempts(ex: Exchange) -> Response:
                     pool.mark_ok(idx)
                     ex.finish(model.name, reason, exc.status_code)
                     return _error_response(exc, ex.headers(model, reason))
-                event(UPSTREAM, logging.WARNING, "upstream failed", request_id=ex.request_id,
-                      model=model.name, endpoint=idx, error=exc.message)
+                event(
+                    UPSTREAM,
+                    logging.WARNING,
+                    "upstream failed",
+                    request_id=ex.request_id,
+                    model=model.name,
+                    endpoint=idx,
+                    error=exc.message,
+                )
                 pool.mark_failed(idx, _retry_after_s(exc) if exc.status_code == 429 else None)
                 last = exc
             except UpstreamError as exc:
@@ -365,8 +399,15 @@ async def _attempts(ex: Exchange) -> Response:
                 pool.mark_failed(idx)
                 verdict = True
                 last = exc
-                event(UPSTREAM, logging.WARNING, "upstream failed", request_id=ex.request_id,
-                      model=model.name, endpoint=idx, error=exc.message)
+                event(
+                    UPSTREAM,
+                    logging.WARNING,
+                    "upstream failed",
+                    request_id=ex.request_id,
+                    model=model.name,
+                    endpoint=idx,
+                    error=exc.message,
+                )
             finally:
                 if not verdict:
                     pool.release(idx)
@@ -384,9 +425,7 @@ def _give_up(ex: Exchange, plan: list[ModelConfig], last: GatewayError) -> Respo
     return _error_response(last, ex.headers(final if answered else None, reason))
 
 
-async def _json_attempt(
-    ex: Exchange, pool: ModelPool, idx: int, model: ModelConfig, reason: str
-) -> Response:
+async def _json_attempt(ex: Exchange, pool: ModelPool, idx: int, model: ModelConfig, reason: str) -> Response:
     gw = ex.gateway
     t = time.perf_counter()
     try:

@@ -76,8 +76,7 @@ def _logprobs(obj: Any) -> list[float]:
         values = tokens if isinstance(tokens, list) else []
     # (a bool is not a logprob; an int past float range would overflow the mean)
     return [
-        float(v) for v in values
-        if isinstance(v, float | int) and not isinstance(v, bool) and abs(v) < 1e300
+        float(v) for v in values if isinstance(v, float | int) and not isinstance(v, bool) and abs(v) < 1e300
     ]
 
 
@@ -110,8 +109,13 @@ def _json_reason(text: str, schema: Mapping[str, Any] | None) -> str | None:
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
-    "object": (dict,), "array": (list,), "string": (str,), "boolean": (bool,),
-    "integer": (int,), "number": (int, float), "null": (type(None),),
+    "object": (dict,),
+    "array": (list,),
+    "string": (str,),
+    "boolean": (bool,),
+    "integer": (int,),
+    "number": (int, float),
+    "null": (type(None),),
 }
 
 
@@ -175,8 +179,11 @@ def check_answer(
         return None  # a well-formed tool call is a whole answer without text
     if checks.empty and answer.complete and not stripped:
         return "empty"
-    if (checks.length_min_chars and answer.finish_reason == "length"
-            and len(stripped) < checks.length_min_chars):
+    if (
+        checks.length_min_chars
+        and answer.finish_reason == "length"
+        and len(stripped) < checks.length_min_chars
+    ):
         return "length"
     if checks.refusal and stripped and refusals.search(stripped[:400]):
         return "refusal"

@@ -60,7 +60,8 @@ class Reloader:
             try:
                 config = load_config(self.config_path)
                 scorer: Scorer = (
-                    old.scorer if config.classifier == old.config.classifier
+                    old.scorer
+                    if config.classifier == old.config.classifier
                     else load_scorer(config.classifier.kind, config.classifier.path)
                 )
                 # Building the gateway reads the keys file and compiles patterns: anything
@@ -74,14 +75,24 @@ class Reloader:
             self.app.state.gateway = new
             self.metrics.reloads.labels("applied").inc()
             self._track(self._retire(old))
-            event(log, logging.INFO, "config reloaded", path=str(self.config_path),
-                  models=",".join(m.name for m in config.models))
+            event(
+                log,
+                logging.INFO,
+                "config reloaded",
+                path=str(self.config_path),
+                models=",".join(m.name for m in config.models),
+            )
             return config
 
     def _rejected(self, why: str) -> ReloadError:
         self.metrics.reloads.labels("rejected").inc()
-        event(log, logging.ERROR, "config reload rejected, still serving the old config",
-              path=str(self.config_path), error=why)
+        event(
+            log,
+            logging.ERROR,
+            "config reload rejected, still serving the old config",
+            path=str(self.config_path),
+            error=why,
+        )
         return ReloadError(why)
 
     def reload_in_background(self) -> None:

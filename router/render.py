@@ -68,9 +68,7 @@ def render_compose(config: Config, config_file: str) -> dict[str, Any]:
             "restart": "unless-stopped",
             "ports": [f"{config.server.port}:{config.server.port}"],
             "volumes": [f"{config_file}:/etc/triage/config.yaml:ro"],
-            "environment": {
-                m.api_key_env: f"${{{m.api_key_env}:-}}" for m in config.models if m.api_key_env
-            },
+            "environment": {m.api_key_env: f"${{{m.api_key_env}:-}}" for m in config.models if m.api_key_env},
             "depends_on": {},
         }
     }
@@ -86,13 +84,24 @@ def render_compose(config: Config, config_file: str) -> dict[str, Any]:
             "environment": {"HF_TOKEN": "${HF_TOKEN:-}"},
             "volumes": ["hf-cache:/root/.cache/huggingface"],
             "healthcheck": {
-                "test": ["CMD", "python3", "-c",
-                         f"import urllib.request; urllib.request.urlopen('http://localhost:{port}/health')"],
-                "interval": "10s", "timeout": "5s", "retries": 3, "start_period": "15m",
+                "test": [
+                    "CMD",
+                    "python3",
+                    "-c",
+                    f"import urllib.request; urllib.request.urlopen('http://localhost:{port}/health')",
+                ],
+                "interval": "10s",
+                "timeout": "5s",
+                "retries": 3,
+                "start_period": "15m",
             },
-            "deploy": {"resources": {"reservations": {"devices": [
-                {"driver": "nvidia", "device_ids": devices, "capabilities": ["gpu"]}
-            ]}}},
+            "deploy": {
+                "resources": {
+                    "reservations": {
+                        "devices": [{"driver": "nvidia", "device_ids": devices, "capabilities": ["gpu"]}]
+                    }
+                }
+            },
         }
         services["triage"]["depends_on"][name] = {"condition": "service_healthy"}
     return {"name": "triage", "services": services, "volumes": {"hf-cache": {}}}
@@ -100,47 +109,71 @@ def render_compose(config: Config, config_file: str) -> dict[str, Any]:
 
 def render_k8s(config: Config, config_text: str) -> list[dict[str, Any]]:
     """Kubernetes objects: a ConfigMap with the gateway config, and a Deployment + Service per server."""
-    docs: list[dict[str, Any]] = [{
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "triage-config"},
-        "data": {"config.yaml": config_text},
-    }]
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "triage-config"},
+            "data": {"config.yaml": config_text},
+        }
+    ]
     for name, port, model, serve in servers(config):
-        labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "triage",
-                  "triage.dev/model": model.name}
-        docs.append({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "replicas": serve.replicas,
-                "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {"containers": [{
-                        "name": "vllm",
-                        "image": serve.image,
-                        "args": _vllm_args(model, serve, port),
-                        "ports": [{"name": "http", "containerPort": port}],
-                        "resources": {
-                            "requests": {"nvidia.com/gpu": serve.gpus, "memory": serve.memory},
-                            "limits": {"nvidia.com/gpu": serve.gpus},
+        labels = {
+            "app.kubernetes.io/name": name,
+            "app.kubernetes.io/part-of": "triage",
+            "triage.dev/model": model.name,
+        }
+        docs.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "replicas": serve.replicas,
+                    "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {
+                            "containers": [
+                                {
+                                    "name": "vllm",
+                                    "image": serve.image,
+                                    "args": _vllm_args(model, serve, port),
+                                    "ports": [{"name": "http", "containerPort": port}],
+                                    "resources": {
+                                        "requests": {"nvidia.com/gpu": serve.gpus, "memory": serve.memory},
+                                        "limits": {"nvidia.com/gpu": serve.gpus},
+                                    },
+                                    "readinessProbe": {
+                                        "httpGet": {"path": "/health", "port": "http"},
+                                        "periodSeconds": 10,
+                                        "failureThreshold": 3,
+                                    },
+                                    "startupProbe": {
+                                        "httpGet": {"path": "/health", "port": "http"},
+                                        "periodSeconds": 10,
+                                        "failureThreshold": 90,
+                                    },
+                                    "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+                                }
+                            ],
+                            "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}],
                         },
-                        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"},
-                                           "periodSeconds": 10, "failureThreshold": 3},
-                        "startupProbe": {"httpGet": {"path": "/health", "port": "http"},
-                                         "periodSeconds": 10, "failureThreshold": 90},
-                        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
-                    }],
-                        "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}]},
+                    },
                 },
-            },
-        })
-        docs.append({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"selector": {"app.kubernetes.io/name": name},
-                     "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
-        })
+            }
+        )
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "selector": {"app.kubernetes.io/name": name},
+                    "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+                },
+            }
+        )
     return docs
 
 

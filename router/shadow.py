@@ -19,7 +19,7 @@ import orjson
 
 from router.accounting import Accountant, usage_from_body
 from router.config import ModelConfig
-from router.errors import UpstreamError
+from router.errors import Overloaded, UpstreamError, UpstreamStatus
 from router.metrics import Metrics
 from router.quality import answer_from_body
 from router.upstream import ModelPool
@@ -63,8 +63,13 @@ class Shadow:
     """Samples student answers and compares them with the teacher's in background tasks."""
 
     def __init__(
-        self, rate: float, max_concurrency: int, teacher_pool: ModelPool,
-        metrics: Metrics, accountant: Accountant, seed: int | None = None,
+        self,
+        rate: float,
+        max_concurrency: int,
+        teacher_pool: ModelPool,
+        metrics: Metrics,
+        accountant: Accountant,
+        seed: int | None = None,
     ) -> None:
         self.rate = rate
         self._max = max_concurrency
@@ -83,7 +88,11 @@ class Shadow:
         return self.rate > 0 and self._random.random() < self.rate
 
     def start(
-        self, student: ModelConfig, path: str, payload: dict[str, Any], student_text: str,
+        self,
+        student: ModelConfig,
+        path: str,
+        payload: dict[str, Any],
+        student_text: str,
         request_id: str,
     ) -> bool:
         """Start a shadow comparison of a sampled answer if a slot is free."""
@@ -99,7 +108,11 @@ class Shadow:
         return True
 
     async def _run(
-        self, student: ModelConfig, path: str, payload: dict[str, Any], student_text: str,
+        self,
+        student: ModelConfig,
+        path: str,
+        payload: dict[str, Any],
+        student_text: str,
         request_id: str,
     ) -> None:
         try:
@@ -108,7 +121,11 @@ class Shadow:
             self._running -= 1
 
     async def _compare(
-        self, student: ModelConfig, path: str, payload: dict[str, Any], student_text: str,
+        self,
+        student: ModelConfig,
+        path: str,
+        payload: dict[str, Any],
+        student_text: str,
         request_id: str,
     ) -> None:
         body = dict(payload)
@@ -117,13 +134,32 @@ class Shadow:
         body.pop("stream_options", None)
         idx = self._pool.pick(set())
         if idx is None:
+            self._metrics.shadow_requests.labels(student.name, "skipped").inc()
             return
+        verdict = False
         try:
-            reply = await self._pool.post(idx, path, orjson.dumps(body), request_id + "-shadow")
+            # Never queue behind client requests for a teacher connection: skip instead.
+            reply = await self._pool.post(idx, path, orjson.dumps(body), request_id + "-shadow", wait=False)
+            self._pool.mark_ok(idx)
+            verdict = True
             parsed = orjson.loads(reply.content)
-        except (UpstreamError, orjson.JSONDecodeError):
+        except Overloaded:
+            self._metrics.shadow_requests.labels(student.name, "skipped").inc()
+            return
+        except UpstreamError as exc:
+            if isinstance(exc, UpstreamStatus) and not exc.retryable:
+                self._pool.mark_ok(idx)  # the teacher answered; the request was the problem
+            else:
+                self._pool.mark_failed(idx)
+            verdict = True
             self._metrics.shadow_requests.labels(student.name, "error").inc()
             return
+        except orjson.JSONDecodeError:
+            self._metrics.shadow_requests.labels(student.name, "error").inc()
+            return
+        finally:
+            if not verdict:
+                self._pool.release(idx)  # the breaker claim ends without a verdict
         if not isinstance(parsed, dict):
             self._metrics.shadow_requests.labels(student.name, "error").inc()
             return

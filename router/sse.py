@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 
-from router.errors import UpstreamUnavailable, map_upstream_errors
+from router.errors import UpstreamTooLarge, UpstreamUnavailable, map_upstream_errors
 
-__all__ = ["MAX_EVENT_BYTES", "SSEStream", "UpstreamTooLarge"]
+__all__ = ["MAX_EVENT_BYTES", "SSEStream"]
 
 # No legitimate chunk of a completion stream comes near this.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
@@ -29,12 +29,6 @@ _CHECK_EVERY = 16
 _LINE_BREAKS = re.compile(rb"[\r\n]*")
 _LINE_BREAK_BYTES = (0x0A, 0x0D)
 _DONE = (b"data: [DONE]", b"data:[DONE]")
-
-
-class UpstreamTooLarge(UpstreamUnavailable):
-    """The upstream's answer is larger than the model's `max_response_bytes`."""
-
-    kind = "too_large"
 
 
 class SSEStream:

@@ -88,9 +88,12 @@ def _well_shaped(obj: Any) -> bool:
         if not isinstance(choice, dict):
             return False
         delta = choice.get("delta")
-        if not (_optional(delta, dict) and _optional(choice.get("text"), str)
-                and _optional(choice.get("finish_reason"), str)
-                and _optional(choice.get("logprobs"), dict)):
+        if not (
+            _optional(delta, dict)
+            and _optional(choice.get("text"), str)
+            and _optional(choice.get("finish_reason"), str)
+            and _optional(choice.get("logprobs"), dict)
+        ):
             return False
         if delta is not None and not (
             _optional(delta.get("content"), str) and _tool_calls_shaped(delta.get("tool_calls"))
@@ -250,8 +253,7 @@ async def _hold_back(ex: Exchange, stream: SSEStream, model: ModelConfig, held: 
     answer = _Held()
     answer.feed(held[0][1])
     window_end = time.perf_counter() + cascade.hold_back_ms / 1000
-    while (not stream.done and answer.events < cascade.hold_back_tokens
-           and time.perf_counter() < window_end):
+    while not stream.done and answer.events < cascade.hold_back_tokens and time.perf_counter() < window_end:
         item = await _next(stream, model)
         if item is None:
             raise UpstreamUnavailable(f"model {model.name!r} ended its stream early")
@@ -343,9 +345,7 @@ async def _pump(
         # One event per token is how OpenAI-compatible servers stream; minus
         # the role and finish chunks it is a fair estimate when usage is absent.
         # A stream that failed is paid for but was not a served answer.
-        ex.record(
-            model.name, usage or ex.estimate(max(events - 2, 0)), served=status == 200
-        )
+        ex.record(model.name, usage or ex.estimate(max(events - 2, 0)), served=status == 200)
         gw.metrics.upstream_duration.labels(model.name).observe(ex.upstream_s)
         ex.finish(model.name, reason, status)
         gw.leave()

@@ -23,23 +23,24 @@ from prometheus_client import Gauge
 
 from router.breaker import Breaker, State
 from router.config import ModelConfig, resolve_api_key
-from router.errors import Overloaded, UpstreamStatus, UpstreamUnavailable, map_upstream_errors
+from router.errors import (
+    Overloaded,
+    UpstreamRedirect,
+    UpstreamStatus,
+    UpstreamTooLarge,
+    UpstreamUnavailable,
+    map_upstream_errors,
+)
 from router.metrics import Metrics
-from router.sse import SSEStream, UpstreamTooLarge
+from router.sse import SSEStream
 
-__all__ = ["Endpoint", "ModelPool", "SSEStream", "UpstreamRedirect", "UpstreamReply", "UpstreamTooLarge"]
+__all__ = ["Endpoint", "ModelPool", "SSEStream", "UpstreamReply"]
 
 # Response headers worth passing to the client; hop-by-hop and framing headers
 # are the gateway's own business.
 PASS_HEADERS = ("retry-after", "openai-processing-ms", "x-ratelimit-remaining-requests")
 # Connections beyond the slots, for readiness probes, which take no slot.
 _PROBE_CONNECTIONS = 2
-
-
-class UpstreamRedirect(UpstreamUnavailable):
-    """The upstream answered 3xx. Never followed: the prompt would be re-sent to another host."""
-
-    kind = "redirect"
 
 
 @dataclass(slots=True)

@@ -18,8 +18,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 Mode = Literal[
-    "ok", "status", "cut_stream", "no_done", "malformed", "no_usage", "stream_error",
-    "broken_frame", "stall", "huge_event",
+    "ok",
+    "status",
+    "cut_stream",
+    "no_done",
+    "malformed",
+    "no_usage",
+    "stream_error",
+    "broken_frame",
+    "stall",
+    "huge_event",
 ]
 
 
@@ -72,8 +80,14 @@ def make_fake(state: FakeState) -> Starlette:
         chat = request.url.path.endswith("/chat/completions")
         if state.mode == "status":
             return JSONResponse(
-                {"error": {"message": f"{state.name} failed", "type": "server_error",
-                           "param": None, "code": state.status}},
+                {
+                    "error": {
+                        "message": f"{state.name} failed",
+                        "type": "server_error",
+                        "param": None,
+                        "code": state.status,
+                    }
+                },
                 state.status,
                 headers={"retry-after": "1"} if state.status == 429 else None,
             )
@@ -91,19 +105,22 @@ def make_fake(state: FakeState) -> Starlette:
         words = _words(state)
         text = "".join(words).rstrip(" ") if state.text is not None else "".join(words)
         choice: dict[str, Any] = {
-            "index": 0, "finish_reason": state.finish_reason,
+            "index": 0,
+            "finish_reason": state.finish_reason,
             "logprobs": _logprobs(words, state.logprob) if body.get("logprobs") else None,
         }
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
             if state.tool_calls is not None:
-                choice["message"] = {"role": "assistant", "content": None,
-                                     "tool_calls": state.tool_calls}
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": state.tool_calls}
         else:
             choice["text"] = text
         answer: dict[str, Any] = {
-            "id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
-            "created": 1700000000, "model": body.get("model"), "choices": [choice],
+            "id": "cmpl-fake",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": 1700000000,
+            "model": body.get("model"),
+            "choices": [choice],
         }
         if state.mode != "no_usage":
             answer["usage"] = usage
@@ -112,11 +129,13 @@ def make_fake(state: FakeState) -> Starlette:
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": state.name, "object": "model"}]})
 
-    return Starlette(routes=[
-        Route("/v1/chat/completions", completion, methods=["POST"]),
-        Route("/v1/completions", completion, methods=["POST"]),
-        Route("/v1/models", models),
-    ])
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", completion, methods=["POST"]),
+            Route("/v1/completions", completion, methods=["POST"]),
+            Route("/v1/models", models),
+        ]
+    )
 
 
 def _chunk(
@@ -131,8 +150,13 @@ def _chunk(
     else:
         choice = {"index": 0, "text": text or "", "finish_reason": finish}
         obj = "text_completion"
-    data = {"id": "chunk-fake", "object": obj, "created": 1700000000,
-            "model": body.get("model"), "choices": [choice]}
+    data = {
+        "id": "chunk-fake",
+        "object": obj,
+        "created": 1700000000,
+        "model": body.get("model"),
+        "choices": [choice],
+    }
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
@@ -163,7 +187,13 @@ async def _stream(
         return
     options = body.get("stream_options") or {}
     if options.get("include_usage") and state.mode != "no_usage":
-        final: dict[str, Any] = {"id": "chunk-fake", "object": "chat.completion.chunk", "created": 1700000000,
-                 "model": body.get("model"), "choices": [], "usage": usage}
+        final: dict[str, Any] = {
+            "id": "chunk-fake",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": body.get("model"),
+            "choices": [],
+            "usage": usage,
+        }
         yield b"data: " + orjson.dumps(final) + b"\n\n"
     yield b"data: [DONE]\n\n"

@@ -72,8 +72,19 @@ def triage_process(config: Path, *args: str, start_timeout_s: float = 60) -> Ite
     """Run `triage serve` as a real process on a free port; stop it with SIGTERM at the end."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "router", "serve", "--config", str(config), "--port", str(port),
-         "--log-level", "warning", *args],
+        [
+            sys.executable,
+            "-m",
+            "router",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *args,
+        ],
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -24,8 +24,10 @@ async def _handle(mode: RawMode, reader: asyncio.StreamReader, writer: asyncio.S
     elif mode == "close_after_headers":
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n")
     else:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n"
-                     b'{"id": "x", "choices": [{"index": 0, "message": {"content": "partial')
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n"
+            b'{"id": "x", "choices": [{"index": 0, "message": {"content": "partial'
+        )
     await writer.drain()
     sock = writer.get_extra_info("socket")
     if mode == "reset_mid_body" and sock is not None:
@@ -42,9 +44,7 @@ def raw_upstream(mode: RawMode) -> Iterator[str]:
     holder: dict[str, asyncio.base_events.Server] = {}
 
     async def start() -> None:
-        holder["server"] = await asyncio.start_server(
-            lambda r, w: _handle(mode, r, w), "127.0.0.1", 0
-        )
+        holder["server"] = await asyncio.start_server(lambda r, w: _handle(mode, r, w), "127.0.0.1", 0)
         ready.set()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -56,6 +56,7 @@ def raw_upstream(mode: RawMode) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+
         async def stop() -> None:
             server.close()
             await server.wait_closed()

@@ -12,8 +12,13 @@ from classifiers.train import Fitted, TrainConfig, fit
 
 # A proof, a code task and small talk, so the tiny sample spans what the tests ask about.
 _EXTRA: list[Row] = [
-    {"id": "x:1", "source": "x", "family": "math", "label": 1,
-     "prompt": "Prove that for every integer n > 1 the sum of 1/k for k = 1..n is not an integer."},
+    {
+        "id": "x:1",
+        "source": "x",
+        "family": "math",
+        "label": 1,
+        "prompt": "Prove that for every integer n > 1 the sum of 1/k for k = 1..n is not an integer.",
+    },
     {"id": "x:2", "source": "x", "family": "chat", "label": 0, "prompt": "thanks!"},
     {"id": "x:3", "source": "x", "family": "chat", "label": 0, "prompt": "hello, how are you?"},
 ]

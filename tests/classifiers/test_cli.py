@@ -33,8 +33,11 @@ def test_score_round_trips_ids_in_order(model_path: Path, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [("{not json", "not valid JSON"), ('{"prompt": "no id"}', "with an `id`"),
-     ('{"id": 3, "prompt": 5}', "needs a string `prompt`")],
+    [
+        ("{not json", "not valid JSON"),
+        ('{"prompt": "no id"}', "with an `id`"),
+        ('{"id": 3, "prompt": 5}', "needs a string `prompt`"),
+    ],
 )
 def test_score_names_the_bad_line(
     model_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, message: str
@@ -52,10 +55,15 @@ def test_eval_prints_auroc_and_routing(
 ) -> None:
     src = tmp_path / "dev.jsonl"
     rows = [
-        {"prompt": "thanks", "label": 0, "source": "a", "family": "chat",
-         "strong_score": 1, "weak_score": 1},
-        {"prompt": "Prove the Riemann hypothesis rigorously.", "label": 1, "source": "a",
-         "family": "math", "strong_score": 1, "weak_score": 0},
+        {"prompt": "thanks", "label": 0, "source": "a", "family": "chat", "strong_score": 1, "weak_score": 1},
+        {
+            "prompt": "Prove the Riemann hypothesis rigorously.",
+            "label": 1,
+            "source": "a",
+            "family": "math",
+            "strong_score": 1,
+            "weak_score": 0,
+        },
     ]
     src.write_text("\n".join(json.dumps(r) for r in rows))
     assert run("eval", "--data", str(src), "--model", str(model_path)) == 0
@@ -73,8 +81,20 @@ def test_calibrate_prints_threshold_and_writes_config(
     src.write_text("\n".join(json.dumps({"prompt": f"item {i} " * i}) for i in range(1, 101)))
     cfg = tmp_path / "config.yaml"
     cfg.write_text("models:\n  - name: s\n    role: student\n    max_score: 0.5  # note\n")
-    assert run("calibrate", "--data", str(src), "--student-share", "0.7",
-               "--model", str(model_path), "--write-config", str(cfg)) == 0
+    assert (
+        run(
+            "calibrate",
+            "--data",
+            str(src),
+            "--student-share",
+            "0.7",
+            "--model",
+            str(model_path),
+            "--write-config",
+            str(cfg),
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "sends 70.0% of 100 prompts" in out
     threshold = float(out.split()[1])

@@ -17,8 +17,9 @@ def test_repo_rows_are_shippable_and_splits_disjoint() -> None:
     for rows in splits.values():
         assert rows
         assert not {r["source"] for r in rows} & NON_COMMERCIAL_SOURCES
-        assert not any(is_held_out({"source": "routerdc_small7", "source_id": r["id"].split(":", 1)[1]})
-                       for r in rows)
+        assert not any(
+            is_held_out({"source": "routerdc_small7", "source_id": r["id"].split(":", 1)[1]}) for r in rows
+        )
         assert not any("mmlu" in str(r.get("bench")) for r in rows)
     train = {r["prompt"] for r in splits[TRAIN_PATH.name]}
     assert not train & {r["prompt"] for r in splits[DEV_PATH.name]}

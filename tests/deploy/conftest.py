@@ -118,5 +118,10 @@ def sdk_client(base_url: str) -> openai.OpenAI:
     These suites check routing and the wire format with real tiny models, whose answers
     are not reliable enough to pass the quality checks every time.
     """
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="local", max_retries=0, timeout=120,
-                         default_headers={"x-triage-fallback": "off"})
+    return openai.OpenAI(
+        base_url=base_url + "/v1",
+        api_key="local",
+        max_retries=0,
+        timeout=120,
+        default_headers={"x-triage-fallback": "off"},
+    )

@@ -45,7 +45,9 @@ def test_easy_to_student_hard_to_teacher(local_gateway: Gateway) -> None:
     c = client(local_gateway)
     for prompt, expected in ((EASY, "student-small"), (HARD, "teacher")):
         raw = c.chat.completions.with_raw_response.create(
-            model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=24,
+            model="auto",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=24,
             temperature=0,
         )
         completion = raw.parse()
@@ -53,10 +55,10 @@ def test_easy_to_student_hard_to_teacher(local_gateway: Gateway) -> None:
         assert completion.choices[0].message.content
         assert completion.usage is not None and completion.usage.completion_tokens > 0
     for model in ("student-small", "teacher"):
-        assert local_gateway.metric("triage_prompt_tokens_total",
-                                    {"model": model, "estimated": "false"}) > 0
-        assert local_gateway.metric("triage_completion_tokens_total",
-                                    {"model": model, "estimated": "false"}) > 0
+        assert local_gateway.metric("triage_prompt_tokens_total", {"model": model, "estimated": "false"}) > 0
+        assert (
+            local_gateway.metric("triage_completion_tokens_total", {"model": model, "estimated": "false"}) > 0
+        )
         assert local_gateway.metric("triage_cost_usd_total", {"model": model}) > 0
 
 
@@ -64,8 +66,12 @@ def test_streaming_through_triage(local_gateway: Gateway) -> None:
     c = client(local_gateway)
     for prompt, expected in ((EASY, "student-small"), (HARD, "teacher")):
         with c.chat.completions.with_streaming_response.create(
-            model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=16,
-            temperature=0, stream=True, stream_options={"include_usage": True},
+            model="auto",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         ) as response:
             assert response.headers["x-triage-model"] == expected
             chunks = list(response.parse())
@@ -74,8 +80,11 @@ def test_streaming_through_triage(local_gateway: Gateway) -> None:
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     # Streams without include_usage are counted exactly too (Triage asks for usage itself).
     stream = c.chat.completions.create(
-        model="student-small", messages=[{"role": "user", "content": EASY}], max_tokens=8,
-        temperature=0, stream=True,
+        model="student-small",
+        messages=[{"role": "user", "content": EASY}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
     )
     assert all(ch.usage is None for ch in stream)
     assert local_gateway.metric("triage_usage_missing_total", {"model": "student-small"}) == 0

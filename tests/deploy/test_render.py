@@ -16,16 +16,36 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = {
     "server": {"host": "0.0.0.0", "port": 8080},
     "models": [
-        {"name": "student-small", "role": "student",
-         "endpoints": ["http://student-1-5b:8000/v1", "http://student-1-5b-b:8000/v1"],
-         "upstream_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "max_score": 0.3,
-         "context_window": 16384, "serve": {"reasoning_parser": "deepseek_r1"}},
-        {"name": "student-large", "role": "student", "endpoints": ["http://student-32b:8001/v1"],
-         "upstream_model": "r1-32b", "max_score": 0.6,
-         "serve": {"hf_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "gpus": 2,
-                   "max_model_len": 32768, "replicas": 2, "extra_args": ["--max-num-seqs=64"]}},
-        {"name": "teacher", "role": "teacher", "endpoints": ["https://api.example.com/v1"],
-         "upstream_model": "frontier", "api_key_env": "TEACHER_API_KEY"},
+        {
+            "name": "student-small",
+            "role": "student",
+            "endpoints": ["http://student-1-5b:8000/v1", "http://student-1-5b-b:8000/v1"],
+            "upstream_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+            "max_score": 0.3,
+            "context_window": 16384,
+            "serve": {"reasoning_parser": "deepseek_r1"},
+        },
+        {
+            "name": "student-large",
+            "role": "student",
+            "endpoints": ["http://student-32b:8001/v1"],
+            "upstream_model": "r1-32b",
+            "max_score": 0.6,
+            "serve": {
+                "hf_model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
+                "gpus": 2,
+                "max_model_len": 32768,
+                "replicas": 2,
+                "extra_args": ["--max-num-seqs=64"],
+            },
+        },
+        {
+            "name": "teacher",
+            "role": "teacher",
+            "endpoints": ["https://api.example.com/v1"],
+            "upstream_model": "frontier",
+            "api_key_env": "TEACHER_API_KEY",
+        },
     ],
     "classifier": {"kind": "heuristic"},
 }
@@ -36,7 +56,10 @@ def render(target: str, tmp_path: Path) -> str:
     cfg.write_text(yaml.safe_dump(CONFIG))
     proc = subprocess.run(
         [sys.executable, "-m", "router", "render", target, "--config", str(cfg)],
-        capture_output=True, text=True, timeout=60, env={"TEACHER_API_KEY": "x", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TEACHER_API_KEY": "x", "PATH": ""},
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -90,7 +113,9 @@ DEPLOY_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "deploy").rglo
 def test_shipped_configs_pass_check_config(path: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "router", "check-config", str(REPO / path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"TEACHER_API_KEY": "set-in-deployment", "PATH": ""},
     )
     assert proc.returncode == 0, proc.stderr

@@ -36,8 +36,9 @@ HARD = (
 
 
 def _cpu_sh(command: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(CPU_SH), command], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(CPU_SH), command], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +48,16 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip("opt-in: set TRIAGE_VLLM_CPU=1 (after `bash deploy/vllm/cpu.sh setup`)")
     paths = dict(line.split("=", 1) for line in _cpu_sh("paths", dict(os.environ), 30).stdout.split())
     if paths.get("READY") != "1":
-        pytest.skip(f"vLLM CPU venv or weights missing ({paths.get('VENV')}, {paths.get('MODEL_DIR')}); "
-                    "run `bash deploy/vllm/cpu.sh setup` (about 2 min, ~700 MB download)")
+        pytest.skip(
+            f"vLLM CPU venv or weights missing ({paths.get('VENV')}, {paths.get('MODEL_DIR')}); "
+            "run `bash deploy/vllm/cpu.sh setup` (about 2 min, ~700 MB download)"
+        )
     port = free_port()
-    env = {**os.environ, "TRIAGE_VLLM_CPU_PORT": str(port),
-           "TRIAGE_RUN_DIR": str(tmp_path_factory.mktemp("vllm-run"))}
+    env = {
+        **os.environ,
+        "TRIAGE_VLLM_CPU_PORT": str(port),
+        "TRIAGE_RUN_DIR": str(tmp_path_factory.mktemp("vllm-run")),
+    }
     try:
         started = _cpu_sh("start", env, 360)
         if started.returncode != 0:
@@ -86,7 +92,9 @@ def test_routed_completions_with_exact_usage(vllm_gateway: Gateway) -> None:
     c = client(vllm_gateway)
     for prompt, expected in ((EASY, "student-small"), (HARD, "teacher")):
         raw = c.chat.completions.with_raw_response.create(
-            model="auto", messages=[{"role": "user", "content": prompt}], max_tokens=16,
+            model="auto",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=16,
             temperature=0,
         )
         completion = raw.parse()
@@ -95,17 +103,21 @@ def test_routed_completions_with_exact_usage(vllm_gateway: Gateway) -> None:
         assert completion.usage is not None
         assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
     for model in ("student-small", "teacher"):
-        assert vllm_gateway.metric("triage_prompt_tokens_total",
-                                   {"model": model, "estimated": "false"}) > 0
-        assert vllm_gateway.metric("triage_completion_tokens_total",
-                                   {"model": model, "estimated": "false"}) > 0
+        assert vllm_gateway.metric("triage_prompt_tokens_total", {"model": model, "estimated": "false"}) > 0
+        assert (
+            vllm_gateway.metric("triage_completion_tokens_total", {"model": model, "estimated": "false"}) > 0
+        )
 
 
 def test_streaming_through_triage(vllm_gateway: Gateway) -> None:
     c = client(vllm_gateway)
     with c.chat.completions.with_streaming_response.create(
-        model="auto", messages=[{"role": "user", "content": EASY}], max_tokens=16, temperature=0,
-        stream=True, stream_options={"include_usage": True},
+        model="auto",
+        messages=[{"role": "user", "content": EASY}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     ) as response:
         assert response.headers["x-triage-model"] == "student-small"
         chunks = list(response.parse())
@@ -113,10 +125,15 @@ def test_streaming_through_triage(vllm_gateway: Gateway) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     # A stream without include_usage is counted exactly too: Triage asks vLLM for usage itself.
     stream = c.chat.completions.create(
-        model="student-small", messages=[{"role": "user", "content": EASY}], max_tokens=8,
-        temperature=0, stream=True,
+        model="student-small",
+        messages=[{"role": "user", "content": EASY}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
     )
     assert all(ch.usage is None for ch in stream)
-    assert vllm_gateway.metric("triage_prompt_tokens_total",
-                               {"model": "student-small", "estimated": "false"}) > 0
+    assert (
+        vllm_gateway.metric("triage_prompt_tokens_total", {"model": "student-small", "estimated": "false"})
+        > 0
+    )
     assert vllm_gateway.metric("triage_usage_missing_total", {"model": "student-small"}) == 0

@@ -27,7 +27,9 @@ MB = 1_000_000
 
 ROLES = st.one_of(
     st.sampled_from(["system", "developer", "user", "assistant", "tool", "function"]),
-    st.text(max_size=10), st.none(), st.integers(-(2**63), 2**63 - 1),
+    st.text(max_size=10),
+    st.none(),
+    st.integers(-(2**63), 2**63 - 1),
 )
 TEXT = st.one_of(
     st.text(),  # any Unicode scalar value (hypothesis leaves out surrogates by default)
@@ -35,21 +37,28 @@ TEXT = st.one_of(
     st.text(st.characters(codec="utf-8"), min_size=1000, max_size=5000),
 )
 # JSON numbers as orjson writes them: 64-bit integers, finite floats.
-JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
-                      st.floats(allow_nan=False, allow_infinity=False), TEXT)
+JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    TEXT,
+)
 JSON = st.recursive(
-    JSON_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                       st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    JSON_LEAF,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 PART = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}),
-    st.fixed_dictionaries({"type": st.sampled_from(["image_url", "input_audio", "text"]),
-                           "text": JSON, "image_url": JSON}),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["image_url", "input_audio", "text"]), "text": JSON, "image_url": JSON}
+    ),
     JSON,
 )
-CONTENT = st.one_of(TEXT, st.lists(PART, max_size=5), st.lists(st.lists(PART, max_size=3), max_size=3),
-                    JSON)
+CONTENT = st.one_of(TEXT, st.lists(PART, max_size=5), st.lists(st.lists(PART, max_size=3), max_size=3), JSON)
 MESSAGE = st.one_of(
     st.fixed_dictionaries({"role": ROLES, "content": CONTENT}),
     st.dictionaries(st.text(max_size=8), JSON, max_size=3),
@@ -135,8 +144,7 @@ def gw(upstreams: Upstreams, make_gateway: GatewayFactory) -> Iterator[Gateway]:
 
 
 def _post(gw: Gateway, body: bytes, path: str = "/v1/chat/completions") -> httpx.Response:
-    return httpx.post(gw.url + path, content=body, headers={"content-type": "application/json"},
-                      timeout=30)
+    return httpx.post(gw.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
 
 
 def _chat(content: Any, **extra: Any) -> bytes:
@@ -144,8 +152,12 @@ def _chat(content: Any, **extra: Any) -> bytes:
 
 
 def _nested(depth: int) -> bytes:
-    return b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "x": ' \
-        + b"[" * depth + b"]" * depth + b"}"
+    return (
+        b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "x": '
+        + b"[" * depth
+        + b"]" * depth
+        + b"}"
+    )
 
 
 HOSTILE: dict[str, tuple[bytes, set[int]]] = {
@@ -157,10 +169,14 @@ HOSTILE: dict[str, tuple[bytes, set[int]]] = {
     "nested_content_parts": (_chat([{"type": "text", "text": [[["hi"]]]}, [[{"a": [{}]}]]]), {200, 400}),
     "nested_json_100": (_nested(100), {200, 400}),
     "nested_json_5000": (_nested(5000), {400}),
-    "unknown_role": (orjson.dumps({"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}),
-                     {400}),
-    "role_not_a_string": (orjson.dumps({"model": "auto", "messages": [{"role": ["user"], "content": "x"}]}),
-                          {400}),
+    "unknown_role": (
+        orjson.dumps({"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}),
+        {400},
+    ),
+    "role_not_a_string": (
+        orjson.dumps({"model": "auto", "messages": [{"role": ["user"], "content": "x"}]}),
+        {400},
+    ),
     "huge_n": (_chat("hi", n=10**9), {400}),
     "n_beyond_64_bits": (_chat("hi").rstrip(b"}") + b', "n": ' + b"9" * 40 + b"}", {400}),
     "negative_max_tokens": (_chat("hi", max_tokens=-1), {400}),
@@ -170,18 +186,24 @@ HOSTILE: dict[str, tuple[bytes, set[int]]] = {
     "no_messages": (b'{"model": "auto", "messages": []}', {400}),
     "messages_not_a_list": (b'{"model": "auto", "messages": "hi"}', {400}),
     "model_not_a_string": (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', {400}),
-    "unknown_model": (orjson.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
-                      {404}),
+    "unknown_model": (
+        orjson.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+        {404},
+    ),
     "stream_not_a_bool": (_chat("hi", stream="yes"), {400}),
     "stream_options_not_an_object": (_chat("hi", stream=True, stream_options=[1]), {400}),
     "invalid_utf8": (b'{"model": "auto", "messages": [{"role": "user", "content": "\xff\xfe"}]}', {400}),
-    "lone_surrogate_escape": (b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud800"}]}',
-                              {200, 400}),
+    "lone_surrogate_escape": (
+        b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        {200, 400},
+    ),
     "nul_in_body": (b"\x00" * 100, {400}),
     "top_level_array": (b"[]", {400}),
     "empty_body": (b"", {400}),
-    "duplicate_keys": (b'{"model": "auto", "model": "auto", "messages": [{"role": "user", "content": "x"}]}',
-                       {200, 400}),
+    "duplicate_keys": (
+        b'{"model": "auto", "model": "auto", "messages": [{"role": "user", "content": "x"}]}',
+        {200, 400},
+    ),
     "huge_number": (_chat("hi").rstrip(b"}") + b', "temperature": 1' + b"0" * 400 + b"}", {200, 400}),
 }
 
@@ -207,9 +229,26 @@ def test_body_over_the_limit_is_413(gw: Gateway) -> None:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
-@given(messages=MESSAGES, extra=st.dictionaries(
-    st.sampled_from(["n", "max_tokens", "max_completion_tokens", "stream", "stream_options", "model",
-                     "temperature", "logprobs", "tools"]), JSON, max_size=3))
+@given(
+    messages=MESSAGES,
+    extra=st.dictionaries(
+        st.sampled_from(
+            [
+                "n",
+                "max_tokens",
+                "max_completion_tokens",
+                "stream",
+                "stream_options",
+                "model",
+                "temperature",
+                "logprobs",
+                "tools",
+            ]
+        ),
+        JSON,
+        max_size=3,
+    ),
+)
 def test_any_json_conversation_never_5xx(gw: Gateway, messages: list[Any], extra: dict[str, Any]) -> None:
     body = orjson.dumps({"model": "auto", "messages": messages, **extra})
     resp = _post(gw, body)

@@ -54,8 +54,9 @@ def _resolves(doc: dict[str, Any], ref: str) -> bool:
 
 
 def test_every_route_is_fuzzed() -> None:
-    assert {("/v1/chat/completions", "POST"), ("/v1/completions", "POST"),
-            ("/v1/models", "GET")} <= set(_operations())
+    assert {("/v1/chat/completions", "POST"), ("/v1/completions", "POST"), ("/v1/models", "GET")} <= set(
+        _operations()
+    )
 
 
 def test_served_schema_refs_resolve(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
@@ -71,8 +72,9 @@ def test_schema_rejects_empty_prompt_list_as_the_gateway_does(
         resp = httpx.post(gw.url + "/v1/completions", json={"model": "auto", "prompt": []})
         doc = httpx.get(gw.url + "/openapi.json").json()
     assert resp.status_code == 400
-    prompt = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
-        "schema"]["properties"]["prompt"]
+    prompt = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"
+    ]["prompt"]
     array = next(branch for branch in prompt["anyOf"] if branch.get("type") == "array")
     assert array.get("minItems") == 1
 
@@ -80,15 +82,20 @@ def test_schema_rejects_empty_prompt_list_as_the_gateway_does(
 def test_schema_bounds_max_tokens_as_the_gateway_does(
     upstreams: Upstreams, make_gateway: GatewayFactory
 ) -> None:
-    body = b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' \
-        + b"9" * 30 + b"}"
+    body = (
+        b'{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": '
+        + b"9" * 30
+        + b"}"
+    )
     with make_gateway(base_config(upstreams.urls)) as gw:
-        resp = httpx.post(gw.url + "/v1/chat/completions", content=body,
-                          headers={"content-type": "application/json"})
+        resp = httpx.post(
+            gw.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
         doc = httpx.get(gw.url + "/openapi.json").json()
     assert resp.status_code == 400
-    max_tokens = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"][
-        "application/json"]["schema"]["properties"]["max_tokens"]
+    max_tokens = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]["properties"]["max_tokens"]
     assert any("maximum" in branch for branch in max_tokens["anyOf"])
 
 
@@ -102,8 +109,9 @@ def test_operation_conforms_and_never_fails_server_side(
         calls = 0
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case: schemathesis.Case[Any]) -> None:
             nonlocal calls
             calls += 1

@@ -55,6 +55,7 @@ def test_slow_healthy_student_under_1000_concurrent(upstreams: Upstreams, tmp_pa
     assert outcomes[(200, "student-small")] >= 0.9 * CONCURRENT, outcomes
     assert upstreams.teacher.requests == []
     for line in metrics.splitlines():
-        if line.startswith(("triage_upstream_errors_total{", "triage_fallbacks_total{",
-                            "triage_circuit_transitions_total{")):
+        if line.startswith(
+            ("triage_upstream_errors_total{", "triage_fallbacks_total{", "triage_circuit_transitions_total{")
+        ):
             assert line.endswith(" 0.0"), line

@@ -67,14 +67,18 @@ def test_tokens_cost_and_counterfactual_are_exact(gateway: Gateway, upstreams: U
     mixed_workload(gateway, upstreams)
     served = {"student-small": 3, "teacher": 2, "student-large": 1}
     for model, n in served.items():
-        assert gateway.metric("triage_prompt_tokens_total", {"model": model, "estimated": "false"}) \
-            == n * PROMPT
-        assert gateway.metric("triage_completion_tokens_total", {"model": model, "estimated": "false"}) \
+        assert (
+            gateway.metric("triage_prompt_tokens_total", {"model": model, "estimated": "false"}) == n * PROMPT
+        )
+        assert (
+            gateway.metric("triage_completion_tokens_total", {"model": model, "estimated": "false"})
             == n * COMPLETION
+        )
         assert gateway.metric("triage_prompt_tokens_total", {"model": model, "estimated": "true"}) == 0
         assert gateway.metric("triage_cost_usd_total", {"model": model}) == pytest.approx(n * usd(model))
-        assert gateway.metric("triage_teacher_equivalent_cost_usd_total", {"model": model}) \
-            == pytest.approx(n * usd("teacher"))
+        assert gateway.metric("triage_teacher_equivalent_cost_usd_total", {"model": model}) == pytest.approx(
+            n * usd("teacher")
+        )
     # To the cent: 3 × $0.0202 + $0.0606 + 2 × $0.615 = $1.3512 spent; 6 × $0.615 = $3.69 teacher-only.
     cost = sum(gateway.metric("triage_cost_usd_total", {"model": m}) for m in PRICES)
     equiv = sum(gateway.metric("triage_teacher_equivalent_cost_usd_total", {"model": m}) for m in PRICES)
@@ -105,18 +109,18 @@ def test_requests_by_reason_and_status_class(gateway: Gateway, upstreams: Upstre
     assert requests("student-small", "pinned", "4xx") == 1
     assert requests("teacher", "classifier", "5xx") == 1
     all_requests = sum(
-        s.value for f in gateway.registry.collect() if f.name == "triage_requests"
-        for s in f.samples if s.name == "triage_requests_total"
+        s.value
+        for f in gateway.registry.collect()
+        if f.name == "triage_requests"
+        for s in f.samples
+        if s.name == "triage_requests_total"
     )
     assert all_requests == 8
-    assert gateway.metric("triage_routing_decisions_total",
-                          {"model": "teacher", "reason": "classifier"}) == 3
+    assert gateway.metric("triage_routing_decisions_total", {"model": "teacher", "reason": "classifier"}) == 3
     # Failed attempts are not billed: no usage came back.
-    assert gateway.metric("triage_cost_usd_total", {"model": "teacher"}) == pytest.approx(
-        2 * usd("teacher"))
+    assert gateway.metric("triage_cost_usd_total", {"model": "teacher"}) == pytest.approx(2 * usd("teacher"))
     assert gateway.metric("triage_upstream_errors_total", {"model": "teacher", "type": "status"}) == 1
-    assert gateway.metric("triage_upstream_errors_total",
-                          {"model": "student-small", "type": "status"}) == 1
+    assert gateway.metric("triage_upstream_errors_total", {"model": "student-small", "type": "status"}) == 1
 
 
 def test_http_error_on_student_falls_back_and_bills_only_the_teacher(
@@ -131,18 +135,25 @@ def test_http_error_on_student_falls_back_and_bills_only_the_teacher(
     assert resp.headers["x-triage-reason"] == "fallback"
     assert len(upstreams.small.requests) == 1 and len(upstreams.teacher.requests) == 1
 
-    assert gateway.metric("triage_fallbacks_total",
-                          {"model": "student-small", "reason": "upstream_error"}) == 1
-    assert gateway.metric("triage_upstream_errors_total",
-                          {"model": "student-small", "type": "status"}) == 1
-    assert gateway.metric("triage_requests_total",
-                          {"model": "teacher", "reason": "fallback", "status_class": "2xx"}) == 1
-    assert gateway.metric("triage_requests_total",
-                          {"model": "student-small", "reason": "classifier", "status_class": "5xx"}) == 0
+    assert (
+        gateway.metric("triage_fallbacks_total", {"model": "student-small", "reason": "upstream_error"}) == 1
+    )
+    assert gateway.metric("triage_upstream_errors_total", {"model": "student-small", "type": "status"}) == 1
+    assert (
+        gateway.metric(
+            "triage_requests_total", {"model": "teacher", "reason": "fallback", "status_class": "2xx"}
+        )
+        == 1
+    )
+    assert (
+        gateway.metric(
+            "triage_requests_total", {"model": "student-small", "reason": "classifier", "status_class": "5xx"}
+        )
+        == 0
+    )
     # The student answered with an error and no usage: it cost nothing.
     assert gateway.metric("triage_cost_usd_total", {"model": "student-small"}) == 0
-    assert gateway.metric("triage_prompt_tokens_total",
-                          {"model": "student-small", "estimated": "false"}) == 0
+    assert gateway.metric("triage_prompt_tokens_total", {"model": "student-small", "estimated": "false"}) == 0
     assert gateway.metric("triage_teacher_equivalent_cost_usd_total", {"model": "student-small"}) == 0
     # The teacher served it at teacher prices: $0.615, and nothing was saved.
     cost = gateway.metric("triage_cost_usd_total", {"model": "teacher"})
@@ -159,17 +170,17 @@ def test_dead_student_counts_timeouts_and_unavailable_as_upstream_error(
     with make_gateway(raw) as gw:
         big_usage(upstreams)
         assert chat(gw, EASY).headers["x-triage-model"] == "teacher"
-        assert gw.metric("triage_upstream_errors_total",
-                         {"model": "student-small", "type": "unavailable"}) == 1
-        assert gw.metric("triage_fallbacks_total",
-                         {"model": "student-small", "reason": "upstream_error"}) == 1
+        assert (
+            gw.metric("triage_upstream_errors_total", {"model": "student-small", "type": "unavailable"}) == 1
+        )
+        assert (
+            gw.metric("triage_fallbacks_total", {"model": "student-small", "reason": "upstream_error"}) == 1
+        )
         assert gw.metric("triage_cost_usd_total", {"model": "student-small"}) == 0
         assert gw.metric("triage_cost_usd_total", {"model": "teacher"}) == pytest.approx(usd("teacher"))
 
 
-def test_streaming_usage_is_counted_and_hidden_unless_asked(
-    gateway: Gateway, upstreams: Upstreams
-) -> None:
+def test_streaming_usage_is_counted_and_hidden_unless_asked(gateway: Gateway, upstreams: Upstreams) -> None:
     big_usage(upstreams, completion=20)
     events = stream(gateway, EASY)
     assert events[-1] == "[DONE]"
@@ -177,16 +188,26 @@ def test_streaming_usage_is_counted_and_hidden_unless_asked(
     events = stream(gateway, EASY, stream_options={"include_usage": True})
     assert any('"prompt_tokens":200000' in e.replace(" ", "") for e in events)
 
-    assert gateway.metric("triage_prompt_tokens_total",
-                          {"model": "student-small", "estimated": "false"}) == 2 * PROMPT
-    assert gateway.metric("triage_completion_tokens_total",
-                          {"model": "student-small", "estimated": "false"}) == 40
+    assert (
+        gateway.metric("triage_prompt_tokens_total", {"model": "student-small", "estimated": "false"})
+        == 2 * PROMPT
+    )
+    assert (
+        gateway.metric("triage_completion_tokens_total", {"model": "student-small", "estimated": "false"})
+        == 40
+    )
     assert gateway.metric("triage_cost_usd_total", {"model": "student-small"}) == pytest.approx(
-        2 * usd("student-small", completion=20))
-    assert gateway.metric("triage_teacher_equivalent_cost_usd_total", {"model": "student-small"}) \
-        == pytest.approx(2 * usd("teacher", completion=20))
-    assert gateway.metric("triage_requests_total", {"model": "student-small", "reason": "classifier",
-                                                    "status_class": "2xx"}) == 2
+        2 * usd("student-small", completion=20)
+    )
+    assert gateway.metric(
+        "triage_teacher_equivalent_cost_usd_total", {"model": "student-small"}
+    ) == pytest.approx(2 * usd("teacher", completion=20))
+    assert (
+        gateway.metric(
+            "triage_requests_total", {"model": "student-small", "reason": "classifier", "status_class": "2xx"}
+        )
+        == 2
+    )
     assert gateway.metric("triage_time_to_first_token_seconds_count", {"model": "student-small"}) == 2
     assert gateway.metric("triage_request_duration_seconds_count", {"model": "student-small"}) == 2
 
@@ -197,13 +218,12 @@ def test_stream_without_usage_is_estimated_and_flagged(gateway: Gateway, upstrea
     stream(gateway, EASY)
     assert gateway.metric("triage_usage_missing_total", {"model": "student-small"}) == 1
     # One event per token: 7 content chunks (the finish chunk and [DONE] are not tokens).
-    assert gateway.metric("triage_completion_tokens_total",
-                          {"model": "student-small", "estimated": "true"}) == 7
+    assert (
+        gateway.metric("triage_completion_tokens_total", {"model": "student-small", "estimated": "true"}) == 7
+    )
     # ceil(7 characters / 4 characters per token).
-    assert gateway.metric("triage_prompt_tokens_total",
-                          {"model": "student-small", "estimated": "true"}) == 2
-    assert gateway.metric("triage_prompt_tokens_total",
-                          {"model": "student-small", "estimated": "false"}) == 0
+    assert gateway.metric("triage_prompt_tokens_total", {"model": "student-small", "estimated": "true"}) == 2
+    assert gateway.metric("triage_prompt_tokens_total", {"model": "student-small", "estimated": "false"}) == 0
 
 
 def test_histogram_quantile_matches_promql_interpolation() -> None:
@@ -229,7 +249,7 @@ def test_stats_cli_reports_the_known_workload(
     args = parser.parse_args(["stats", "--url", gateway.url])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    lines = out[:out.index("latency (s)")].splitlines()
+    lines = out[: out.index("latency (s)")].splitlines()
 
     def row(prefix: str) -> list[str]:
         found = [line.split() for line in lines if line.startswith(prefix)]
@@ -250,12 +270,13 @@ def test_stats_cli_reports_the_known_workload(
     assert "Gateway overhead  p50 " in out and " ms, p99 " in out
 
 
-def test_stats_cli_latency_rows(gateway: Gateway, upstreams: Upstreams,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_stats_cli_latency_rows(
+    gateway: Gateway, upstreams: Upstreams, capsys: pytest.CaptureFixture[str]
+) -> None:
     stream(gateway, EASY)
     assert stats.run(gateway.url) == 0
     out = capsys.readouterr().out
-    table = out[out.index("latency (s)"):].splitlines()
+    table = out[out.index("latency (s)") :].splitlines()
     small = next(line.split() for line in table if line.startswith("student-small"))
     # p50 and p95 total time, then TTFT: streamed once, so all four exist and sit in (0, 0.05].
     assert len(small) == 5

@@ -39,7 +39,7 @@ pytestmark = [
     pytest.mark.skipif(
         PROMETHEUS is None or PROMTOOL is None,
         reason="needs the `prometheus` and `promtool` binaries (run tests/setup.sh as root, "
-               "or apt-get install prometheus)",
+        "or apt-get install prometheus)",
     ),
 ]
 
@@ -52,12 +52,22 @@ HARD = (
 # Grafana's variables, as a dashboard with "All" models selected would send them.
 VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "15s", "$model": ".*"}
 # Queries over these must show the traffic: a non-empty result with a value above zero.
-TRAFFIC = ("triage_requests_total", "triage_cost_usd_total", "triage_teacher_equivalent_cost_usd_total",
-           "triage_prompt_tokens_total", "triage_completion_tokens_total")
+TRAFFIC = (
+    "triage_requests_total",
+    "triage_cost_usd_total",
+    "triage_teacher_equivalent_cost_usd_total",
+    "triage_prompt_tokens_total",
+    "triage_completion_tokens_total",
+)
 # Quantiles over these must give at least one finite number once requests were observed.
-OBSERVED = ("triage_request_duration_seconds", "triage_time_to_first_token_seconds",
-            "triage_upstream_duration_seconds", "triage_overhead_seconds",
-            "triage_classifier_duration_seconds", "triage_classifier_score")
+OBSERVED = (
+    "triage_request_duration_seconds",
+    "triage_time_to_first_token_seconds",
+    "triage_upstream_duration_seconds",
+    "triage_overhead_seconds",
+    "triage_classifier_duration_seconds",
+    "triage_classifier_score",
+)
 # Given the workload below (1 fallback and 1 5xx in 10 requests), exactly these alerts are pending.
 EXPECTED_PENDING = {"TriageFallbackRateHigh", "TriageErrorRateHigh"}
 REQUESTS = 10
@@ -151,12 +161,19 @@ def prometheus(metered_gateway: Gateway, tmp_path: Path) -> Iterator[Prometheus]
     log = tmp_path / "prometheus.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                PROMETHEUS,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     prom = Prometheus(f"http://127.0.0.1:{port}", log)
     try:
+
         def ready() -> bool:
             assert proc.poll() is None, f"prometheus exited:\n{log.read_text()[-3000:]}"
             try:
@@ -204,12 +221,14 @@ def push_traffic(gw: Gateway, upstreams: Upstreams) -> None:
 
 def test_promtool_accepts_the_shipped_rules_and_config() -> None:
     assert PROMTOOL is not None
-    rules = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)],
-                           capture_output=True, text=True, timeout=30)
+    rules = subprocess.run(
+        [PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=30
+    )
     assert rules.returncode == 0, rules.stdout + rules.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in rules.stdout + rules.stderr
-    config = subprocess.run([PROMTOOL, "check", "config", str(PROM_CONFIG)],
-                            capture_output=True, text=True, timeout=30)
+    config = subprocess.run(
+        [PROMTOOL, "check", "config", str(PROM_CONFIG)], capture_output=True, text=True, timeout=30
+    )
     assert config.returncode == 0, config.stdout + config.stderr
     assert "SUCCESS: 1 rule files found" in config.stdout + config.stderr
 
@@ -221,8 +240,10 @@ def test_dashboard_and_alerts_evaluate_over_live_metrics(
     # A scrape before any traffic, so rates over the window see the counters rise from zero.
     wait_for(lambda: prometheus.values('up{job="triage"}') == [1.0], "the first scrape of the gateway")
     push_traffic(gw, upstreams)
-    wait_for(lambda: prometheus.values("sum(triage_requests_total)") == [float(REQUESTS)],
-             "a scrape that sees all the traffic")
+    wait_for(
+        lambda: prometheus.values("sum(triage_requests_total)") == [float(REQUESTS)],
+        "a scrape that sees all the traffic",
+    )
     time.sleep(1.2)  # one more scrape and rule evaluation
 
     exposition = httpx.get(gw.url + "/metrics").text

@@ -49,8 +49,7 @@ def test_keys_required_and_checked(
         assert "authorization" not in upstreams.small.headers[-1]
         # /metrics has its own token, and no key value ever appears in it.
         assert httpx.get(gw.url + "/metrics").status_code == 401
-        text = httpx.get(gw.url + "/metrics",
-                         headers={"authorization": "Bearer metrics-secret"}).text
+        text = httpx.get(gw.url + "/metrics", headers={"authorization": "Bearer metrics-secret"}).text
         assert 'triage_key_cost_usd_total{key="alice"}' in text
         assert "sk-alice" not in text and "sk-bob" not in text
 
@@ -78,8 +77,7 @@ def test_requests_per_minute(keys_env: None, upstreams: Upstreams, make_gateway:
         assert 1 <= int(limited.headers["retry-after"]) <= 20
         # Limits are per key: bob is unaffected.
         assert post(gw.url, "sk-bob").status_code == 200
-        assert gw.metric("triage_rate_limited_total",
-                         {"key": "alice", "limit": "requests_per_minute"}) == 2
+        assert gw.metric("triage_rate_limited_total", {"key": "alice", "limit": "requests_per_minute"}) == 2
 
 
 def test_tokens_per_minute_and_budget(
@@ -106,7 +104,9 @@ def test_tokens_per_minute_and_budget(
 
 
 def test_upstream_key_is_sent_upstream_and_nowhere_else(
-    upstreams: Upstreams, make_gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch,
+    upstreams: Upstreams,
+    make_gateway: GatewayFactory,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("TRIAGE_TEST_UPSTREAM_KEY", "sk-upstream-secret")
@@ -123,8 +123,13 @@ def test_upstream_key_is_sent_upstream_and_nowhere_else(
         denied = post(gw.url, None, model="teacher")
         assert denied.status_code == 401
         seen = [
-            denied.text, str(denied.headers), resp.text, str(resp.headers),
-            httpx.get(gw.url + "/v1/models").text, httpx.get(gw.url + "/metrics").text,
-            httpx.get(gw.url + "/openapi.json").text, caplog.text,
+            denied.text,
+            str(denied.headers),
+            resp.text,
+            str(resp.headers),
+            httpx.get(gw.url + "/v1/models").text,
+            httpx.get(gw.url + "/metrics").text,
+            httpx.get(gw.url + "/openapi.json").text,
+            caplog.text,
         ]
         assert not any("sk-upstream-secret" in text for text in seen)

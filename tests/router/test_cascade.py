@@ -29,13 +29,32 @@ LOOP = " ".join(["the cat sat on the mat"] * 12)
         ({"text": "I'm sorry, but I cannot help with that."}, {}, "refusal"),
         ({"text": "Honestly I don't know the answer to this."}, {}, "refusal"),
         ({"text": "{not json"}, {"response_format": {"type": "json_object"}}, "invalid_json"),
-        ({"text": '{"name": "x"}'},
-         {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
-             "type": "object", "required": ["name", "age"],
-             "properties": {"age": {"type": "integer"}}}}}},
-         "invalid_json"),
-        ({"tool_calls": [{"id": "c1", "type": "function",
-                          "function": {"name": "lookup", "arguments": "{oops"}}]}, {}, "tool_call"),
+        (
+            {"text": '{"name": "x"}'},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "p",
+                        "schema": {
+                            "type": "object",
+                            "required": ["name", "age"],
+                            "properties": {"age": {"type": "integer"}},
+                        },
+                    },
+                }
+            },
+            "invalid_json",
+        ),
+        (
+            {
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{oops"}}
+                ]
+            },
+            {},
+            "tool_call",
+        ),
         ({"text": LOOP}, {}, "repetition"),
     ],
 )
@@ -60,13 +79,31 @@ def test_failed_check_escalates_to_teacher(
 @pytest.mark.parametrize(
     ("setup", "extra"),
     [
-        ({"text": '{"name": "x", "age": 3}'},
-         {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {
-             "type": "object", "required": ["name", "age"],
-             "properties": {"age": {"type": "integer"}}}}}}),
-        ({"text": "```json\n{\"a\": 1}\n```"}, {"response_format": {"type": "json_object"}}),
-        ({"tool_calls": [{"id": "c1", "type": "function",
-                          "function": {"name": "lookup", "arguments": "{\"q\": 1}"}}]}, {}),
+        (
+            {"text": '{"name": "x", "age": 3}'},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "p",
+                        "schema": {
+                            "type": "object",
+                            "required": ["name", "age"],
+                            "properties": {"age": {"type": "integer"}},
+                        },
+                    },
+                }
+            },
+        ),
+        ({"text": '```json\n{"a": 1}\n```'}, {"response_format": {"type": "json_object"}}),
+        (
+            {
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}}
+                ]
+            },
+            {},
+        ),
         ({"text": "Paris is the capital of France."}, {}),
     ],
 )

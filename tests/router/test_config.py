@@ -59,7 +59,9 @@ def test_key_resolved_from_env_only() -> None:
 def test_serve_exits_nonzero_on_bad_config() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "router", "serve", "--config", str(CONFIGS / "many_errors.yaml")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "5 error(s)" in proc.stderr
@@ -69,7 +71,9 @@ def test_serve_exits_nonzero_on_bad_config() -> None:
 def test_shipped_config_is_valid() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "router", "check-config", str(ROOT / "config.yaml")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout

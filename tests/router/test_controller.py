@@ -84,16 +84,16 @@ def test_starts_from_config_and_does_nothing_without_target() -> None:
     assert controller.observed_share == 0.0
 
 
-def test_gateway_exports_thresholds_and_share(
-    upstreams: Upstreams, make_gateway: GatewayFactory
-) -> None:
+def test_gateway_exports_thresholds_and_share(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
     raw = base_config(upstreams.urls, target_student_share=0.5, share_window=50, share_update_every=5)
     with make_gateway(raw) as gw:
         assert gw.metric("triage_student_share_target") == 0.5
         assert gw.metric("triage_score_threshold", {"model": "student-small"}) == 0.3
         with httpx.Client(base_url=gw.url) as client:
             for _ in range(40):  # all easy: the controller lowers thresholds toward the median
-                client.post("/v1/chat/completions", json={
-                    "model": "auto", "messages": [{"role": "user", "content": "thanks"}]})
+                client.post(
+                    "/v1/chat/completions",
+                    json={"model": "auto", "messages": [{"role": "user", "content": "thanks"}]},
+                )
         assert gw.metric("triage_score_threshold", {"model": "student-small"}) < 0.3
         assert 0 < gw.metric("triage_student_share") <= 1

@@ -109,9 +109,7 @@ def test_overall_deadline_bounds_retries(upstreams: Upstreams, make_gateway: Gat
         assert gw.metric("triage_deadline_exceeded_total", {"model": "student-small"}) == 1
 
 
-def test_stall_mid_stream_ends_with_error_event(
-    upstreams: Upstreams, make_gateway: GatewayFactory
-) -> None:
+def test_stall_mid_stream_ends_with_error_event(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
     raw = base_config(upstreams.urls)
     raw["models"][0]["read_timeout_s"] = 0.4
     upstreams.small.mode = "stall"
@@ -170,8 +168,7 @@ def test_circuit_opens_and_probes_back_in(upstreams: Upstreams, make_gateway: Ga
 
 
 def test_retry_budget_stops_amplification(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
-    raw = base_config(upstreams.urls, retry_budget_ratio=0.0, retry_budget_burst=2,
-                      breaker_failures=1000)
+    raw = base_config(upstreams.urls, retry_budget_ratio=0.0, retry_budget_burst=2, breaker_failures=1000)
     raw["models"][0]["endpoints"] = [closed_port_url() + "/v1"]
     with make_gateway(raw) as gw:
         assert_teacher_answer(ask(gw))
@@ -191,11 +188,15 @@ def test_no_connection_leak_under_faults(upstreams: Upstreams, make_gateway: Gat
         raw["models"][1]["read_timeout_s"] = 0.05
         upstreams.large.delay_s = 0.2
         with make_gateway(raw) as gw, httpx.Client(base_url=gw.url) as client:
+
             def burst() -> None:
                 for i in range(60):
                     model = ("auto", "student-large", "teacher")[i % 3]
-                    client.post("/v1/chat/completions", json={
-                        "model": model, "messages": [{"role": "user", "content": "hi"}]})
+                    client.post(
+                        "/v1/chat/completions",
+                        json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+                    )
+
             burst()
             before = _fds()
             burst()
@@ -210,5 +211,6 @@ def test_endless_stream_event_is_cut_off(gateway: Gateway, upstreams: Upstreams)
     # Nothing was sent yet, so the teacher answers instead.
     assert resp.headers["x-triage-model"] == "teacher"
     assert text_of(events).startswith("teacher-0")
-    assert gateway.metric("triage_upstream_errors_total",
-                          {"model": "student-small", "type": "unavailable"}) == 1
+    assert (
+        gateway.metric("triage_upstream_errors_total", {"model": "student-small", "type": "unavailable"}) == 1
+    )

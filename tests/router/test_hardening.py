@@ -26,7 +26,8 @@ def _raw_request(url: str, body: dict[str, Any]) -> socket.socket:
     data = json.dumps(body).encode()
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        + f"content-length: {len(data)}\r\n\r\n".encode() + data
+        + f"content-length: {len(data)}\r\n\r\n".encode()
+        + data
     )
     return sock
 
@@ -44,8 +45,9 @@ def _wait_for(predicate: Any, timeout_s: float = 5.0) -> bool:
 def test_deeply_nested_json_is_a_400(gateway: Gateway, depth: int) -> None:
     nested = "[" * depth + "]" * depth
     body = '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "x": ' + nested + "}"
-    resp = httpx.post(gateway.url + "/v1/chat/completions", content=body,
-                      headers={"content-type": "application/json"})
+    resp = httpx.post(
+        gateway.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["type"] == "invalid_request_error"
     assert "deeper" in resp.json()["error"]["message"]
@@ -57,8 +59,9 @@ def test_moderately_nested_tool_schema_is_accepted(gateway: Gateway) -> None:
     for _ in range(20):
         schema = {"type": "object", "properties": {"a": schema}}
     tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
-    resp = httpx.post(gateway.url + "/v1/chat/completions",
-                      json={"model": "auto", "messages": [EASY], "tools": tools})
+    resp = httpx.post(
+        gateway.url + "/v1/chat/completions", json={"model": "auto", "messages": [EASY], "tools": tools}
+    )
     assert resp.status_code == 200, resp.text
 
 
@@ -74,13 +77,13 @@ def test_client_leaving_a_json_request_cancels_the_upstream(
         sock.close()
         # The student attempt is cancelled at once, instead of running to its read timeout
         # and then asking (and paying) the teacher for an answer nobody reads.
-        assert _wait_for(lambda: gw.metric("triage_client_disconnects_total",
-                                           {"model": "student-small"}) == 1, 2.0)
+        assert _wait_for(
+            lambda: gw.metric("triage_client_disconnects_total", {"model": "student-small"}) == 1, 2.0
+        )
         assert gw.metric("triage_inflight_requests", {"model": "student-small"}) == 0
         time.sleep(1.5)
         assert upstreams.teacher.requests == []
-        assert gw.metric("triage_upstream_errors_total",
-                         {"model": "student-small", "type": "timeout"}) == 0
+        assert gw.metric("triage_upstream_errors_total", {"model": "student-small", "type": "timeout"}) == 0
         assert gw.metric("triage_admitted_requests") == 0
 
 
@@ -97,8 +100,9 @@ def test_client_leaving_inside_the_hold_back_window_cancels_the_upstream(
         assert _wait_for(lambda: len(upstreams.small.requests) == 1)
         time.sleep(0.5)
         sock.close()
-        assert _wait_for(lambda: gw.metric("triage_client_disconnects_total",
-                                           {"model": "student-small"}) == 1, 2.0)
+        assert _wait_for(
+            lambda: gw.metric("triage_client_disconnects_total", {"model": "student-small"}) == 1, 2.0
+        )
         time.sleep(1.5)
         assert upstreams.teacher.requests == []
         assert gw.metric("triage_admitted_requests") == 0
@@ -113,8 +117,11 @@ def test_admission_limit_answers_503_with_retry_after(
     results: list[httpx.Response] = []
 
     def one() -> None:
-        results.append(httpx.post(gw.url + "/v1/chat/completions",
-                                  json={"model": "auto", "messages": [EASY]}, timeout=30))
+        results.append(
+            httpx.post(
+                gw.url + "/v1/chat/completions", json={"model": "auto", "messages": [EASY]}, timeout=30
+            )
+        )
 
     with make_gateway(raw) as gw:
         threads = [threading.Thread(target=one) for _ in range(12)]
@@ -148,9 +155,7 @@ def test_error_headers_name_no_model_that_did_not_answer(
     assert resp.headers["x-triage-reason"] == "fallback"
 
 
-def test_teacher_error_status_names_the_teacher(
-    upstreams: Upstreams, make_gateway: GatewayFactory
-) -> None:
+def test_teacher_error_status_names_the_teacher(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
     upstreams.small.mode = upstreams.teacher.mode = "status"
     upstreams.small.status = upstreams.teacher.status = 503
     with make_gateway(base_config(upstreams.urls)) as gw:
@@ -167,9 +172,11 @@ def test_pinning_can_be_turned_off_and_allowed_per_key(
     raw["auth"] = {"keys_env": "TRIAGE_TEST_KEYS", "pinning": {"ops": ["teacher"]}}
 
     def ask(key: str, model: str, **headers: str) -> httpx.Response:
-        return httpx.post(gw.url + "/v1/chat/completions",
-                          json={"model": model, "messages": [EASY]},
-                          headers={"authorization": f"Bearer {key}", **headers})
+        return httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": model, "messages": [EASY]},
+            headers={"authorization": f"Bearer {key}", **headers},
+        )
 
     with make_gateway(raw) as gw:
         denied = ask("k-app", "teacher")
@@ -180,8 +187,9 @@ def test_pinning_can_be_turned_off_and_allowed_per_key(
         assert ask("k-ops", "teacher").headers["x-triage-model"] == "teacher"
         assert ask("k-ops", "student-large").status_code == 403
         # With the header off, it cannot be used to get around the policy either.
-        assert ask("k-app", "auto", **{"x-triage-route": "teacher"}).headers[
-            "x-triage-model"] == "student-small"
+        assert (
+            ask("k-app", "auto", **{"x-triage-route": "teacher"}).headers["x-triage-model"] == "student-small"
+        )
     assert upstreams.teacher.requests and len(upstreams.teacher.requests) == 1
 
 
@@ -228,16 +236,16 @@ def test_reload_of_a_broken_file_is_a_400(
         assert ok.status_code == 200  # the old config keeps serving
 
 
-def test_a_body_that_never_completes_gets_408(
-    upstreams: Upstreams, make_gateway: GatewayFactory
-) -> None:
+def test_a_body_that_never_completes_gets_408(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
     raw = base_config(upstreams.urls)
     raw["server"] = {"body_timeout_s": 0.5}
     with make_gateway(raw) as gw:
         host, port = gw.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
-                         b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\"")
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                b'content-type: application/json\r\ncontent-length: 100\r\n\r\n{"model"'
+            )
             sock.settimeout(5)
             started = time.monotonic()
             answer = sock.recv(65536)

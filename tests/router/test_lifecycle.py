@@ -65,7 +65,8 @@ def test_sigterm_drains_in_flight_streams(
     assert events[-1] == "[DONE]"
     text = "".join(
         orjson.loads(e)["choices"][0]["delta"].get("content") or ""
-        for e in events[:-1] if orjson.loads(e)["choices"]
+        for e in events[:-1]
+        if orjson.loads(e)["choices"]
     )
     assert text == "".join(f"small-{i} " for i in range(15))
     assert proc.wait(10) in (0, -signal.SIGTERM)

@@ -51,8 +51,9 @@ def serve_logged(config: Path, *args: str) -> Iterator[Served]:
     log = config.parent / "triage.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "router", "serve", "--config", str(config), "--port", str(port),
-             *args], stdout=out, stderr=out,
+            [sys.executable, "-m", "router", "serve", "--config", str(config), "--port", str(port), *args],
+            stdout=out,
+            stderr=out,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -94,13 +95,25 @@ def test_plain_log_lines(tmp_path: Path, upstreams: Upstreams, monkeypatch: pyte
         assert "teacher=teacher" in start and "students=student-small<0.3,student-large<0.5" in start
         assert "classifier=heuristic" in start and "auth=keys" in start
 
-        resp = httpx.post(served.url + "/v1/chat/completions", headers={**auth, "x-request-id": "req-1"},
-                          json={"model": "auto", "messages": [EASY]})
+        resp = httpx.post(
+            served.url + "/v1/chat/completions",
+            headers={**auth, "x-request-id": "req-1"},
+            json={"model": "auto", "messages": [EASY]},
+        )
         assert resp.status_code == 200
         line = served.wait_for("request_id=req-1")
-        for part in ("triage.access", "key=app", "endpoint=chat", "requested=auto",
-                     "model=student-small", "reason=classifier", "score=", "status=200",
-                     "latency_ms=", "fallback=-"):
+        for part in (
+            "triage.access",
+            "key=app",
+            "endpoint=chat",
+            "requested=auto",
+            "model=student-small",
+            "reason=classifier",
+            "score=",
+            "status=200",
+            "latency_ms=",
+            "fallback=-",
+        ):
             assert part in line, line
         assert "k-app" not in served.log.read_text()  # the key itself never appears
 
@@ -111,8 +124,11 @@ def test_plain_log_lines(tmp_path: Path, upstreams: Upstreams, monkeypatch: pyte
         # A student outage: the failure, the breaker opening and the fallback are logged.
         upstreams.small.mode = "status"
         upstreams.small.status = 503
-        resp = httpx.post(served.url + "/v1/chat/completions", headers={**auth, "x-request-id": "req-2"},
-                          json={"model": "auto", "messages": [EASY]})
+        resp = httpx.post(
+            served.url + "/v1/chat/completions",
+            headers={**auth, "x-request-id": "req-2"},
+            json={"model": "auto", "messages": [EASY]},
+        )
         assert resp.headers["x-triage-model"] == "teacher"
         assert "model=student-small" in served.wait_for("upstream failed")
         assert "state=open" in served.wait_for("circuit breaker")
@@ -139,8 +155,11 @@ def test_json_log_lines(tmp_path: Path, upstreams: Upstreams) -> None:
     config = _write(tmp_path, raw)
     with serve_logged(config, "--log-format", "json") as served:
         served.wait_for("gateway started")
-        resp = httpx.post(served.url + "/v1/chat/completions", headers={"x-request-id": "req-j"},
-                          json={"model": "auto", "messages": [EASY]})
+        resp = httpx.post(
+            served.url + "/v1/chat/completions",
+            headers={"x-request-id": "req-j"},
+            json={"model": "auto", "messages": [EASY]},
+        )
         assert resp.headers["x-triage-model"] == "teacher"
         served.wait_for('"request_id":"req-j"')
         records = served.json_lines()
@@ -160,15 +179,25 @@ def test_check_config_and_route_warn_on_unset_secrets(tmp_path: Path, upstreams:
     raw["models"][2]["api_key_env"] = "TRIAGE_TEST_UNSET_TEACHER_KEY"
     config = _write(tmp_path, raw)
     env = {"PATH": "/usr/bin:/bin"}
-    check = subprocess.run([sys.executable, "-m", "router", "check-config", str(config)],
-                           capture_output=True, text=True, env=env)
+    check = subprocess.run(
+        [sys.executable, "-m", "router", "check-config", str(config)], capture_output=True, text=True, env=env
+    )
     assert check.returncode == 0, check.stderr
     assert "TRIAGE_TEST_UNSET_TEACHER_KEY is not set" in check.stderr and "warning" in check.stderr
-    route = subprocess.run([sys.executable, "-m", "router", "route", "hello", "--config", str(config)],
-                           capture_output=True, text=True, env=env)
+    route = subprocess.run(
+        [sys.executable, "-m", "router", "route", "hello", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert route.returncode == 0, route.stderr
     assert "student-small" in route.stdout
     # `serve` does need it, and says so.
-    serve = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(config)],
-                           capture_output=True, text=True, env=env, timeout=60)
+    serve = subprocess.run(
+        [sys.executable, "-m", "router", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert serve.returncode == 2 and "TRIAGE_TEST_UNSET_TEACHER_KEY" in serve.stderr

@@ -36,7 +36,9 @@ def test_openai_sdk_unchanged(triage_serve: str) -> None:
     assert completion.usage is not None and completion.usage.total_tokens == 16
 
     stream = client.chat.completions.create(
-        model="teacher", messages=[{"role": "user", "content": "hello"}], stream=True,
+        model="teacher",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)

@@ -99,18 +99,22 @@ def test_unknown_model_is_404_model_not_found(gateway: Gateway) -> None:
         (b"[1, 2]", None),
         (orjson.dumps({"model": "auto"}), "messages"),
         (orjson.dumps({"model": "auto", "messages": []}), "messages"),
-        (orjson.dumps({"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}),
-         "messages.0.role"),
-        (orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}],
-                       "max_tokens": -5}), "max_tokens"),
-        (orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}],
-                       "n": 100000}), "n"),
+        (
+            orjson.dumps({"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}),
+            "messages.0.role",
+        ),
+        (
+            orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}),
+            "max_tokens",
+        ),
+        (orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 100000}), "n"),
         (orjson.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}), "model"),
     ],
 )
 def test_bad_bodies_are_400_with_param(gateway: Gateway, body: bytes, param: str | None) -> None:
-    resp = httpx.post(gateway.url + "/v1/chat/completions", content=body,
-                      headers={"content-type": "application/json"})
+    resp = httpx.post(
+        gateway.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert resp.status_code == 400, resp.text
     err = resp.json()["error"]
     assert err["type"] == "invalid_request_error"
@@ -137,15 +141,15 @@ def test_dead_student_falls_back_to_teacher(upstreams: Upstreams, make_gateway: 
         assert resp.headers["x-triage-reason"] == "fallback"
         assert answer(resp).startswith("teacher-0")
         # Both endpoints were tried (retry once), then the teacher.
-        assert gw.metric("triage_upstream_errors_total",
-                         {"model": "student-small", "type": "unavailable"}) == 2
-        assert gw.metric("triage_fallbacks_total",
-                         {"model": "student-small", "reason": "upstream_error"}) == 1
+        assert (
+            gw.metric("triage_upstream_errors_total", {"model": "student-small", "type": "unavailable"}) == 2
+        )
+        assert (
+            gw.metric("triage_fallbacks_total", {"model": "student-small", "reason": "upstream_error"}) == 1
+        )
 
 
-def test_retry_on_second_endpoint_of_same_model(
-    upstreams: Upstreams, make_gateway: GatewayFactory
-) -> None:
+def test_retry_on_second_endpoint_of_same_model(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
     raw = base_config(upstreams.urls, breaker_failures=1, endpoint_cooldown_s=30)
     raw["models"][0]["endpoints"] = [closed_port_url() + "/v1", upstreams.urls["small"] + "/v1"]
     with make_gateway(raw) as gw:
@@ -154,14 +158,13 @@ def test_retry_on_second_endpoint_of_same_model(
             assert resp.headers["x-triage-model"] == "student-small"
             assert resp.headers["x-triage-reason"] == "classifier"
         # The dead endpoint's circuit opened, so it was hit once, not three times.
-        assert gw.metric("triage_upstream_errors_total",
-                         {"model": "student-small", "type": "unavailable"}) == 1
+        assert (
+            gw.metric("triage_upstream_errors_total", {"model": "student-small", "type": "unavailable"}) == 1
+        )
         assert gw.metric("triage_circuit_state", {"model": "student-small", "endpoint": "0"}) == 2
 
 
-def test_student_5xx_falls_back_and_4xx_passes_through(
-    gateway: Gateway, upstreams: Upstreams
-) -> None:
+def test_student_5xx_falls_back_and_4xx_passes_through(gateway: Gateway, upstreams: Upstreams) -> None:
     upstreams.small.mode = "status"
     upstreams.small.status = 503
     resp = chat(gateway, EASY)
@@ -208,8 +211,9 @@ def test_teacher_unreachable_is_502(upstreams: Upstreams, make_gateway: GatewayF
 
 
 def test_completions_endpoint(gateway: Gateway, upstreams: Upstreams) -> None:
-    resp = httpx.post(gateway.url + "/v1/completions",
-                      json={"model": "auto", "prompt": "Say hi", "max_tokens": 5})
+    resp = httpx.post(
+        gateway.url + "/v1/completions", json={"model": "auto", "prompt": "Say hi", "max_tokens": 5}
+    )
     assert resp.status_code == 200
     assert resp.json()["choices"][0]["text"].startswith("small-0")
     assert upstreams.small.requests[-1] == {"model": "up-small", "prompt": "Say hi", "max_tokens": 5}
@@ -234,10 +238,18 @@ def test_models_health_ready(gateway: Gateway) -> None:
 
 
 def test_client_headers_are_not_forwarded(gateway: Gateway, upstreams: Upstreams) -> None:
-    chat(gateway, EASY, headers={
-        "proxy-authorization": "Basic eDp5", "te": "trailers", "upgrade": "h2c",
-        "x-forwarded-for": "10.1.2.3", "cookie": "session=abc", "x-request-id": "req-123",
-    })
+    chat(
+        gateway,
+        EASY,
+        headers={
+            "proxy-authorization": "Basic eDp5",
+            "te": "trailers",
+            "upgrade": "h2c",
+            "x-forwarded-for": "10.1.2.3",
+            "cookie": "session=abc",
+            "x-request-id": "req-123",
+        },
+    )
     sent = upstreams.small.headers[-1]
     for name in ("proxy-authorization", "te", "upgrade", "x-forwarded-for", "cookie"):
         assert name not in sent

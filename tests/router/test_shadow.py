@@ -22,8 +22,9 @@ def wait_for(gw: Gateway, name: str, labels: dict[str, str], value: float, timeo
 
 
 def easy(client: httpx.Client) -> httpx.Response:
-    return client.post("/v1/chat/completions",
-                       json={"model": "auto", "messages": [{"role": "user", "content": "thanks"}]})
+    return client.post(
+        "/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "thanks"}]}
+    )
 
 
 def test_agreement() -> None:
@@ -66,9 +67,13 @@ def test_concurrency_cap_skips_instead_of_queueing(
         # The slow teacher is off the request path.
         assert time.monotonic() - start < 0.9
         assert all(r.status_code == 200 for r in responses)
-        skipped = gw.metric("triage_shadow_requests_total",
-                            {"model": "student-small", "outcome": "skipped"})
-        compared = wait_for(gw, "triage_shadow_requests_total",
-                            {"model": "student-small", "outcome": "compared"}, 2, timeout=3)
+        skipped = gw.metric("triage_shadow_requests_total", {"model": "student-small", "outcome": "skipped"})
+        compared = wait_for(
+            gw,
+            "triage_shadow_requests_total",
+            {"model": "student-small", "outcome": "compared"},
+            2,
+            timeout=3,
+        )
         assert compared == 2
         assert skipped == 6

@@ -27,13 +27,12 @@ def stream_events(gw: Gateway, **body: Any) -> tuple[httpx.Response, list[Any]]:
 def text_of(events: list[Any]) -> str:
     return "".join(
         e["choices"][0]["delta"].get("content") or ""
-        for e in events if isinstance(e, dict) and e.get("choices")
+        for e in events
+        if isinstance(e, dict) and e.get("choices")
     )
 
 
-def test_stream_passes_chunks_and_strips_unrequested_usage(
-    gateway: Gateway, upstreams: Upstreams
-) -> None:
+def test_stream_passes_chunks_and_strips_unrequested_usage(gateway: Gateway, upstreams: Upstreams) -> None:
     resp, events = stream_events(gateway)
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/event-stream")
@@ -63,8 +62,7 @@ def test_chunks_arrive_as_they_are_produced(gateway: Gateway, upstreams: Upstrea
     start = time.monotonic()
     # No quality hold-back for this request: nothing may be buffered.
     headers = {"x-triage-fallback": "off"}
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=payload,
-                      headers=headers) as resp:
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=payload, headers=headers) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: "):
                 arrivals.append(time.monotonic() - start)
@@ -73,9 +71,7 @@ def test_chunks_arrive_as_they_are_produced(gateway: Gateway, upstreams: Upstrea
     assert arrivals[-1] > 0.8
 
 
-def test_stream_falls_back_before_first_byte(
-    upstreams: Upstreams, make_gateway: GatewayFactory
-) -> None:
+def test_stream_falls_back_before_first_byte(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
     raw = base_config(upstreams.urls)
     raw["models"][0]["endpoints"] = [closed_port_url() + "/v1"]
     with make_gateway(raw) as gw:
@@ -86,9 +82,7 @@ def test_stream_falls_back_before_first_byte(
         assert events[-1] == "[DONE]"
 
 
-def test_upstream_error_event_first_is_retried_on_teacher(
-    gateway: Gateway, upstreams: Upstreams
-) -> None:
+def test_upstream_error_event_first_is_retried_on_teacher(gateway: Gateway, upstreams: Upstreams) -> None:
     upstreams.small.mode = "stream_error"
     resp, events = stream_events(gateway)
     assert resp.headers["x-triage-model"] == "teacher"
@@ -112,15 +106,15 @@ def test_stream_without_done_is_reported_truncated(gateway: Gateway, upstreams: 
     _, events = stream_events(gateway)
     assert events[-1]["error"]["type"] == "upstream_error"
     assert "before completing" in events[-1]["error"]["message"]
-    assert gateway.metric("triage_upstream_errors_total",
-                          {"model": "student-small", "type": "truncated"}) == 1
+    assert (
+        gateway.metric("triage_upstream_errors_total", {"model": "student-small", "type": "truncated"}) == 1
+    )
 
 
-def test_stream_usage_estimated_when_upstream_gives_none(
-    gateway: Gateway, upstreams: Upstreams
-) -> None:
+def test_stream_usage_estimated_when_upstream_gives_none(gateway: Gateway, upstreams: Upstreams) -> None:
     upstreams.small.mode = "no_usage"
     stream_events(gateway)
     assert gateway.metric("triage_usage_missing_total", {"model": "student-small"}) == 1
-    assert gateway.metric("triage_completion_tokens_total",
-                          {"model": "student-small", "estimated": "true"}) == 5
+    assert (
+        gateway.metric("triage_completion_tokens_total", {"model": "student-small", "estimated": "true"}) == 5
+    )

@@ -26,9 +26,11 @@ def test_two_workers_share_metrics(upstreams: Upstreams, tmp_path: Path) -> None
             text = httpx.get(url + "/metrics").text
             found = re.search(
                 r'^triage_requests_total\{model="student-small",reason="classifier",'
-                r'status_class="2xx"\} (\S+)$', text, re.M,
+                r'status_class="2xx"\} (\S+)$',
+                text,
+                re.M,
             )
             assert found, text[:2000]
             totals.append(float(found.group(1)))
         assert totals == [40.0] * 4
-        assert len(set(re.findall(r'^triage_build_info\{.*\} (\S+)$', text, re.M))) == 1
+        assert len(set(re.findall(r"^triage_build_info\{.*\} (\S+)$", text, re.M))) == 1
