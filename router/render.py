@@ -178,8 +178,14 @@ def render_k8s(config: Config, config_text: str) -> list[dict[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    missing: list[str] = []  # render never calls an upstream: unset secrets only warn
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, missing_secrets=missing)
+        if missing:
+            warning = "\n".join(
+                ["triage render: warning: secrets not set here (used by `triage serve`):", *missing]
+            )
+            print(warning, file=sys.stderr)  # noqa: T201
         if args.target == "compose":
             text = yaml.safe_dump(render_compose(config, str(args.config)), sort_keys=False)
         else:
