@@ -206,7 +206,7 @@ def create_app(
     metrics.build_info.labels(__version__, config_hash).set(1)
     for m in config.models:
         metrics.model_info.labels(m.name, m.role).set(1)
-    for code in ("400", "401", "403", "404", "408", "413", "429", "503"):
+    for code in ("400", "401", "403", "404", "408", "413", "429", "499", "503"):
         metrics.rejected.labels(code)
     if scorer is None:
         scorer = load_scorer(config.classifier.kind, config.classifier.path)

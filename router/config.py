@@ -72,10 +72,22 @@ class ServerConfig(_Strict):
         description="A connection must deliver a whole request head within this long of opening "
         "(or of its previous response); otherwise it is closed.",
     )
+    max_json_containers: int = Field(
+        100_000,
+        ge=100,
+        description="Most JSON objects and arrays in one request body (counted as `{` and `[` "
+        "bytes, strings included); more gets 400. Bounds the CPU and memory of parsing.",
+    )
     body_timeout_s: float = Field(
         30.0,
         gt=0,
         description="A request body must arrive in full within this long of its head; otherwise 408.",
+    )
+    write_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A stream whose client takes longer than this to accept one write is closed, "
+        "so a client that stops reading frees its upstream connection.",
     )
     max_connections: int | None = Field(
         None,

@@ -3,7 +3,8 @@
     GatewayError                    500 internal_error
     ├── InvalidRequest              400 invalid_request_error
     │   ├── BodyTooLarge            413 invalid_request_error
-    │   └── BodyTimeout             408 invalid_request_error / request_timeout
+    │   ├── BodyTimeout             408 invalid_request_error / request_timeout
+    │   └── ClientClosed            499 (logged and counted; nobody is left to read it)
     ├── AuthError                   401 invalid_request_error / invalid_api_key
     ├── RateLimited                 429 rate_limit_error / the limit's name
     ├── ModelNotFound               404 invalid_request_error / model_not_found
@@ -33,6 +34,7 @@ __all__ = [
     "AuthError",
     "BodyTimeout",
     "BodyTooLarge",
+    "ClientClosed",
     "GatewayError",
     "InvalidRequest",
     "ModelNotAllowed",
@@ -91,6 +93,13 @@ class BodyTimeout(InvalidRequest):
 
     status_code = 408
     code = "request_timeout"
+
+
+class ClientClosed(InvalidRequest):
+    """The client closed its connection before its request body arrived (nginx's 499)."""
+
+    status_code = 499
+    code = "client_closed_request"
 
 
 class AuthError(GatewayError):

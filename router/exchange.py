@@ -20,6 +20,8 @@ from router.routing import Decision
 __all__ = ["Endpoint", "Exchange", "QualityFailure"]
 
 Endpoint = Literal["chat", "completions"]
+# Most tokens one request's prompt (or an unbounded completion) can plausibly use.
+MAX_PLAUSIBLE_TOKENS = 1 << 21
 PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
 
 
@@ -120,8 +122,38 @@ class Exchange:
         teacher = self.gateway.accountant.teacher_cost(Usage(prompt, completion))
         return teacher <= self.escalation_budget_usd
 
+    def plausible(self, usage: Usage) -> Usage:
+        """The upstream's usage, clipped to what one request can use.
+
+        A prompt is at most `MAX_PLAUSIBLE_TOKENS` (beyond any model's context today), a
+        completion at most `max_tokens` per choice when the client set it. Without this
+        bound one hostile or broken answer claiming 2**53 tokens would add billions of
+        dollars to the cost metrics and lock its key out of its budget until a restart.
+        """
+        budget = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens")
+        n = self.payload.get("n")
+        per_choice = budget if isinstance(budget, int) and budget > 0 else MAX_PLAUSIBLE_TOKENS
+        completion_cap = per_choice * (n if isinstance(n, int) and n > 0 else 1)
+        if usage.prompt_tokens <= MAX_PLAUSIBLE_TOKENS and usage.completion_tokens <= completion_cap:
+            return usage
+        event(
+            UPSTREAM,
+            logging.WARNING,
+            "implausible usage clipped",
+            request_id=self.request_id,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+        return Usage(
+            min(usage.prompt_tokens, MAX_PLAUSIBLE_TOKENS),
+            min(usage.completion_tokens, completion_cap),
+            estimated=True,
+        )
+
     def record(self, model: str, usage: Usage, served: bool) -> None:
         """Count an attempt's tokens and cost, globally and against the client's key."""
+        if not usage.estimated:
+            usage = self.plausible(usage)
         cost = self.gateway.accountant.record(model, usage, served)
         if self.key is not None:
             self.key.charge(usage.prompt_tokens + usage.completion_tokens, cost)

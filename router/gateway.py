@@ -90,21 +90,29 @@ class Gateway:
         self.publish_thresholds()
 
     def enter(self) -> None:
-        """Admit one completion request, or raise Overloaded past the in-flight limit."""
+        """Hold this gateway for one request (a reload retires it only when none holds it)."""
+        self.active += 1
+
+    def admit(self) -> None:
+        """Count one request against `server.max_inflight_requests`, or raise Overloaded.
+
+        Called once the body has arrived, so a client trickling its body in holds a
+        connection (bounded by `server.body_timeout_s`) but no admission slot.
+        """
         if self.admission.inflight >= self._max_inflight:
             raise Overloaded(
                 f"The gateway is at its limit of {self._max_inflight} requests in flight; retry shortly.",
                 retry_after_s=1.0,
             )
         self.admission.inflight += 1
-        self.active += 1
         self.metrics.admitted.inc()
 
-    def leave(self) -> None:
-        """A request admitted by `enter` has finished (for a stream: its last event is sent)."""
-        self.admission.inflight -= 1
+    def leave(self, admitted: bool = True) -> None:
+        """A request has finished (for a stream: its last event is sent)."""
         self.active -= 1
-        self.metrics.admitted.dec()
+        if admitted:
+            self.admission.inflight -= 1
+            self.metrics.admitted.dec()
 
     def _circuit_callback(self, model: str) -> Callable[[int, State], None]:
         def changed(idx: int, state: State) -> None:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 __all__ = [
+    "answer_well_shaped",
+    "chunk_well_shaped",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
@@ -91,3 +93,97 @@ class CompletionRequest(_SamplingLimits):
 
     model: str = Field(min_length=1)
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+
+
+# --- Upstream answers: the shapes the gateway reads --------------------------------------
+# A body or chunk of another shape is an upstream protocol error (retry or fallback
+# before the first byte, an error event after it), never passed on as an answer.
+
+
+def _optional(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return value is None or isinstance(value, kind)
+
+
+def chunk_well_shaped(obj: Any) -> bool:
+    """Whether a chunk has the types the gateway reads: an object whose `choices` is a
+    list of objects with a dict `delta`, string `text`/`finish_reason`/`content`, dict
+    `logprobs`, a list of tool-call objects; a dict `usage`. An `error` object passes as is.
+    """
+    if not isinstance(obj, dict):
+        return False
+    if "error" in obj:
+        return True
+    if not _optional(obj.get("usage"), dict):
+        return False
+    choices = obj.get("choices")
+    if choices is None:
+        return True
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        delta = choice.get("delta")
+        if not (
+            _optional(delta, dict)
+            and _optional(choice.get("text"), str)
+            and _optional(choice.get("finish_reason"), str)
+            and _optional(choice.get("logprobs"), dict)
+        ):
+            return False
+        if delta is not None and not (
+            _optional(delta.get("content"), str) and _tool_calls_shaped(delta.get("tool_calls"))
+        ):
+            return False
+    return True
+
+
+def _tool_calls_shaped(calls: Any) -> bool:
+    if calls is None:
+        return True
+    if not isinstance(calls, list):
+        return False
+    for call in calls:
+        if not isinstance(call, dict):
+            return False
+        index = call.get("index")
+        fn = call.get("function")
+        if not _optional(index, int) or isinstance(index, bool) or not _optional(fn, dict):
+            return False
+        if fn is not None and not (_optional(fn.get("name"), str) and _optional(fn.get("arguments"), str)):
+            return False
+    return True
+
+
+def answer_well_shaped(obj: Any, chat: bool) -> bool:
+    """Whether a non-streaming answer has the shape clients rely on: at least one choice,
+    each an object with a `message` object (chat: string or null `content`, well-formed
+    `tool_calls`) or a string `text` (completions), and string or null `finish_reason`.
+    """
+    if not isinstance(obj, dict) or not _optional(obj.get("usage"), dict):
+        return False
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or not (
+            _optional(choice.get("finish_reason"), str) and _optional(choice.get("logprobs"), dict)
+        ):
+            return False
+        if chat:
+            message = choice.get("message")
+            if not isinstance(message, dict) or not _optional(message.get("content"), str):
+                return False
+            calls = message.get("tool_calls")
+            if calls is not None and not (isinstance(calls, list) and all(_full_tool_call(c) for c in calls)):
+                return False
+        elif not isinstance(choice.get("text"), str):
+            return False
+    return True
+
+
+def _full_tool_call(call: Any) -> bool:
+    if not isinstance(call, dict):
+        return False
+    fn = call.get("function")
+    return isinstance(fn, dict) and _optional(fn.get("name"), str) and _optional(fn.get("arguments"), str)

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from classifiers import prompt_text
@@ -32,6 +32,7 @@ from router.config import ModelConfig
 from router.errors import (
     BodyTimeout,
     BodyTooLarge,
+    ClientClosed,
     GatewayError,
     InvalidRequest,
     Overloaded,
@@ -44,7 +45,7 @@ from router.errors import (
 from router.exchange import Endpoint, Exchange, QualityFailure
 from router.gateway import Gateway
 from router.logs import ACCESS, UPSTREAM, event
-from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.protocol import ChatCompletionRequest, CompletionRequest, answer_well_shaped
 from router.quality import answer_from_body, check_answer
 from router.streaming import GatewayStream, stream_attempt
 from router.upstream import ModelPool, UpstreamReply
@@ -57,13 +58,16 @@ _MODELS: dict[Endpoint, type[BaseModel]] = {
 }
 _REQUEST_ID_MAX = 128
 _WHOLE_NUMBERS = ("max_tokens", "max_completion_tokens", "n")
-# Deepest JSON nesting accepted in a request body. Real requests (tool schemas
-# included) stay far below; the JSON encoder that re-serialises a body for the
-# upstream stops at 255, so deeper bodies must be refused up front.
-MAX_JSON_DEPTH = 64
+# The encoder that re-serialises a body for the upstream stops at this depth; deeper
+# bodies are refused up front. Only a body with more brackets can nest that deep.
+_ENCODER_MAX_DEPTH = 254
+# Longest conversation accepted: validating one costs about 3.5 µs a message, all of it
+# on the event loop, so this bounds the stall one request can cause (about 35 ms).
+MAX_MESSAGES = 10_000
 # Scope key the app sets when the client disconnected and the handler was cancelled.
 CLIENT_GONE = "triage.client_gone"
 _EXCHANGE = "triage.exchange"
+_ADMITTED = "triage.admitted"
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -73,7 +77,7 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     chunks = []
     size = 0
     try:
-        # A body trickled in byte by byte would otherwise hold its admission slot forever.
+        # A body trickled in byte by byte would otherwise hold its connection forever.
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
@@ -82,6 +86,8 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise BodyTimeout(f"The request body did not arrive within {timeout_s:g} s.") from None
+    except ClientDisconnect:
+        raise ClientClosed("The client closed the connection before its request body arrived.") from None
     return b"".join(chunks)
 
 
@@ -95,28 +101,32 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    """Whether containers nest deeper than `limit` (iterative: no recursion limit to hit)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
-
-
-def _parse(body: bytes, endpoint: Endpoint) -> dict[str, Any]:
+def _parse(body: bytes, endpoint: Endpoint, max_containers: int) -> dict[str, Any]:
+    # Parsing costs time and memory per object and array (a 4 MiB body of `[]`s takes
+    # seconds and ~100 MiB); counting their opening brackets first is cheap and exact
+    # enough (brackets inside strings count too).
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets > max_containers:
+        raise InvalidRequest(
+            f"The request body has more than {max_containers} JSON objects and arrays "
+            "(server.max_json_containers)."
+        )
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    # Every nesting level needs an opening bracket, so most bodies skip the walk.
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(payload, MAX_JSON_DEPTH):
-        raise InvalidRequest(f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.")
+    if brackets > _ENCODER_MAX_DEPTH:
+        try:
+            orjson.dumps(payload)
+        except orjson.JSONEncodeError:
+            raise InvalidRequest(
+                f"The request body nests JSON deeper than {_ENCODER_MAX_DEPTH} levels."
+            ) from None
+    messages = payload.get("messages")
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"A conversation may have at most {MAX_MESSAGES} messages.", param="messages")
     try:
         request = _MODELS[endpoint].model_validate(payload)
     except ValidationError as exc:
@@ -168,14 +178,9 @@ def _budget_header(request: Request) -> float | None:
 async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
     """Serve POST /v1/chat/completions or /v1/completions."""
     gw: Gateway = request.app.state.gateway
-    # Admitted before the first await, so a reload cannot retire this gateway (and close its
+    # Held before the first await, so a reload cannot retire this gateway (and close its
     # upstream clients) while the request is still reading its body.
-    try:
-        gw.enter()
-    except Overloaded as exc:
-        request_id = _request_id(request)
-        _rejected(gw, request, endpoint, request_id, exc, None)
-        return _error_response(exc, {"x-request-id": request_id})
+    gw.enter()
     response: Response | None = None
     try:
         response = await _handle(request, endpoint, gw)
@@ -186,7 +191,8 @@ async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
         raise
     finally:
         if not isinstance(response, GatewayStream):
-            gw.leave()  # a stream releases the gateway when its last event is sent
+            # A stream releases the gateway when its last event is sent.
+            gw.leave(admitted=request.scope.get(_ADMITTED, False))
 
 
 def _client_gone(ex: Exchange | None) -> None:
@@ -235,7 +241,9 @@ async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response
                 gw.metrics.rate_limited.labels(key.name, str(exc.code)).inc()
                 raise
         body = await _read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
-        payload = _parse(body, endpoint)
+        payload = _parse(body, endpoint, config.server.max_json_containers)
+        gw.admit()
+        request.scope[_ADMITTED] = True
         text, chars = _prompt(payload, endpoint)
         requested: str = payload["model"]
         override = request.headers.get("x-triage-route")
@@ -438,7 +446,7 @@ async def _json_attempt(ex: Exchange, pool: ModelPool, idx: int, model: ModelCon
         parsed = orjson.loads(reply.content)
     except orjson.JSONDecodeError:
         parsed = None
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+    if not answer_well_shaped(parsed, ex.endpoint == "chat"):
         # A 200 whose body is not a completion would reach the client as a
         # corrupt answer; treat it as a failed attempt instead.
         raise UpstreamUnavailable(f"model {model.name!r} returned a malformed answer")

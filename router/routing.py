@@ -19,6 +19,11 @@ Reason = Literal["classifier", "pinned", "override", "context", "fallback"]
 REASONS: tuple[Reason, ...] = ("classifier", "pinned", "override", "context", "fallback")
 
 
+def _clip(name: str) -> str:
+    """A client-supplied name, shortened for an error message."""
+    return name if len(name) <= 80 else name[:80] + "…"
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Which model serves a request, why, and the complexity score when one was computed."""
@@ -82,7 +87,7 @@ class Router:
             model = self._by_name.get(override)
             if model is None:
                 raise ModelNotFound(
-                    f"The model `{override}` named by the x-triage-route header does not exist.",
+                    f"The model `{_clip(override)}` named by the x-triage-route header does not exist.",
                     param="x-triage-route",
                 )
             self._check_pin(model, key_name, "x-triage-route")
@@ -91,7 +96,7 @@ class Router:
             model = self._by_name.get(requested)
             if model is None:
                 raise ModelNotFound(
-                    f"The model `{requested}` does not exist. Use `{self.config.routing.alias}` "
+                    f"The model `{_clip(requested)}` does not exist. Use `{self.config.routing.alias}` "
                     "or one of the models listed at /v1/models.",
                     param="model",
                 )

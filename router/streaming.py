@@ -8,19 +8,22 @@ a failure ends the client's stream with an OpenAI-shaped error event.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from router.accounting import Usage, usage_from_body
 from router.config import ModelConfig
-from router.errors import UpstreamError, UpstreamUnavailable, error_body
+from router.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable, error_body
 from router.exchange import Exchange
+from router.logs import UPSTREAM, event
+from router.protocol import chunk_well_shaped
 from router.quality import Answer, check_answer
 from router.sse import SSEStream
 from router.upstream import ModelPool
@@ -40,7 +43,7 @@ def _decode(event: bytes) -> Any:
     Every event is decoded once, here, and the result serves the integrity
     check, usage accounting, the quality checks and logprob stripping; a
     corrupted stream is thereby reported as an error instead of passed on.
-    JSON of the wrong shape (see `_well_shaped`) is as malformed as broken JSON.
+    JSON of the wrong shape (see `router.protocol.chunk_well_shaped`) is as malformed as broken JSON.
     """
     data: list[bytes] = []
     for line in event.split(b"\n"):
@@ -59,64 +62,9 @@ def _decode(event: bytes) -> Any:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
         raise _Malformed from None
-    if not _well_shaped(obj):
+    if not chunk_well_shaped(obj):
         raise _Malformed
     return obj
-
-
-def _optional(value: Any, kind: type | tuple[type, ...]) -> bool:
-    return value is None or isinstance(value, kind)
-
-
-def _well_shaped(obj: Any) -> bool:
-    """Whether a chunk has the types the gateway reads: an object whose `choices` is a
-    list of objects with a dict `delta`, string `text`/`finish_reason`/`content`, dict
-    `logprobs`, a list of tool-call objects; a dict `usage`. An `error` object passes as is.
-    """
-    if not isinstance(obj, dict):
-        return False
-    if "error" in obj:
-        return True
-    if not _optional(obj.get("usage"), dict):
-        return False
-    choices = obj.get("choices")
-    if choices is None:
-        return True
-    if not isinstance(choices, list):
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict):
-            return False
-        delta = choice.get("delta")
-        if not (
-            _optional(delta, dict)
-            and _optional(choice.get("text"), str)
-            and _optional(choice.get("finish_reason"), str)
-            and _optional(choice.get("logprobs"), dict)
-        ):
-            return False
-        if delta is not None and not (
-            _optional(delta.get("content"), str) and _tool_calls_shaped(delta.get("tool_calls"))
-        ):
-            return False
-    return True
-
-
-def _tool_calls_shaped(calls: Any) -> bool:
-    if calls is None:
-        return True
-    if not isinstance(calls, list):
-        return False
-    for call in calls:
-        if not isinstance(call, dict):
-            return False
-        index = call.get("index")
-        fn = call.get("function")
-        if not _optional(index, int) or isinstance(index, bool) or not _optional(fn, dict):
-            return False
-        if fn is not None and not (_optional(fn.get("name"), str) and _optional(fn.get("arguments"), str)):
-            return False
-    return True
 
 
 def _is_error(obj: Any) -> bool:
@@ -175,22 +123,48 @@ class _Held:
 
 
 class GatewayStream(StreamingResponse):
-    """A stream whose pump holds its gateway and admission slot (`Gateway.enter`) until it ends.
+    """A stream whose pump holds its gateway and admission slot until it ends.
 
-    When the client leaves before the first byte is sent, the pump never starts
-    and its cleanup never runs; `__call__` then closes the upstream stream,
-    counts the request and releases the slot itself.
+    Every write to the client must complete within `write_timeout_s`: a client that
+    stops reading would otherwise hold its upstream connection, pool slot and
+    admission slot for as long as it keeps the socket open. However the response
+    ends (done, client gone, client stalled), the pump's cleanup runs and the
+    upstream stream is closed before `__call__` returns. When the client leaves
+    before the first byte, the pump never starts; `abandon` then does its part.
     """
 
     started = False
+    stalled = False
+    write_timeout_s = 30.0
     abandon: Callable[[], Awaitable[None]] | None = None
+    close_upstream: Callable[[], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.write_timeout_s
+
+        async def send_in_time(message: Message) -> None:
+            try:
+                async with asyncio.timeout(limit):
+                    await send(message)
+            except TimeoutError:
+                self.stalled = True
+                raise
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except TimeoutError:
+            if not self.stalled:
+                raise
+            event(
+                UPSTREAM, logging.WARNING, "client stopped reading a stream; closed it", write_timeout_s=limit
+            )
         finally:
             if not self.started and self.abandon is not None:
                 await self.abandon()
+            elif isinstance(self.body_iterator, AsyncGenerator):
+                await self.body_iterator.aclose()  # the pump's cleanup, now rather than at GC
+            if self.close_upstream is not None:
+                await self.close_upstream()
 
 
 # An event as received and the JSON it carries (None for `[DONE]`).
@@ -198,13 +172,27 @@ _Event = tuple[bytes, Any]
 
 
 async def _next(stream: SSEStream, model: ModelConfig) -> _Event | None:
-    event = await stream.next_event()
-    if event is None:
-        return None
-    try:
-        return event, _decode(event)
-    except _Malformed:
-        raise UpstreamUnavailable(f"model {model.name!r} sent a malformed stream event") from None
+    """The next event that carries data (or `[DONE]`), or None at the end of the stream.
+
+    Comment and empty events (keep-alives) are dropped: they carry nothing for the
+    client, and they must not keep a stream alive on their own, so data has to come
+    within the model's `read_timeout_s` however many of them arrive.
+    """
+    deadline = time.monotonic() + model.read_timeout_s
+    while True:
+        event = await stream.next_event()
+        if event is None:
+            return None
+        try:
+            obj = _decode(event)
+        except _Malformed:
+            raise UpstreamUnavailable(f"model {model.name!r} sent a malformed stream event") from None
+        if obj is not None or stream.done:
+            return event, obj
+        if time.monotonic() > deadline:
+            raise UpstreamTimeout(
+                f"model {model.name!r} sent no data for {model.read_timeout_s:g} s (keep-alives only)"
+            )
 
 
 async def stream_attempt(
@@ -217,7 +205,7 @@ async def stream_attempt(
     held: list[_Event] = []
     try:
         first = await _next(stream, model)
-        if first is None or _is_error(first[1]):
+        if first is None or first[1] is None or _is_error(first[1]):
             raise UpstreamUnavailable(f"model {model.name!r} ended its stream before answering")
         held.append(first)
         gw.metrics.ttft.labels(model.name).observe(time.perf_counter() - ex.started)
@@ -231,14 +219,12 @@ async def stream_attempt(
     headers = ex.headers(model, reason)
     headers["cache-control"] = "no-cache"
     response = GatewayStream(
-        _pump(ex, stream, held, model, reason),
-        media_type="text/event-stream",
-        headers=headers,
-        background=BackgroundTask(stream.aclose),
+        _pump(ex, stream, held, model, reason), media_type="text/event-stream", headers=headers
     )
+    response.write_timeout_s = gw.config.server.write_timeout_s
+    response.close_upstream = stream.aclose
 
     async def abandon() -> None:
-        await stream.aclose()
         ex.gateway.metrics.client_disconnects.labels(model.name).inc()
         ex.finish(model.name, reason, 499, answered=False, note="client_disconnected")
         ex.gateway.leave()
@@ -288,6 +274,7 @@ async def _pump(
     usage: Usage | None = None
     events = 0
     status = 200
+    note: str | None = None
     shadow = _Held() if model.role == "student" and gw.shadow.sample() else None
     gw.metrics.inflight.labels(model.name).inc()
     out: list[bytes] = []
@@ -300,7 +287,11 @@ async def _pump(
             if _is_error(obj):
                 status = 502
                 gw.metrics.upstream_errors.labels(model.name, "status").inc()
-                out.append(event)  # already an OpenAI-shaped error: pass it on and stop
+                error = obj["error"]
+                if isinstance(error, dict) and isinstance(error.get("message"), str):
+                    out.append(event)  # already an OpenAI-shaped error: pass it on and stop
+                else:
+                    out.append(_error_event(f"model {model.name!r} sent an error event", "upstream_error"))
                 break
             events += 1
             found = usage_from_body(obj)
@@ -340,6 +331,13 @@ async def _pump(
         status = exc.status_code
         gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
         yield b"".join(out) + _error_event(exc.message, exc.type)
+    except (GeneratorExit, asyncio.CancelledError):
+        # The client left, or stopped reading for `server.write_timeout_s`.
+        status = 499
+        stalled = ex.response is not None and ex.response.stalled
+        note = "client_stopped_reading" if stalled else "client_disconnected"
+        gw.metrics.client_disconnects.labels(model.name).inc()
+        raise
     finally:
         gw.metrics.inflight.labels(model.name).dec()
         # One event per token is how OpenAI-compatible servers stream; minus
@@ -347,7 +345,7 @@ async def _pump(
         # A stream that failed is paid for but was not a served answer.
         ex.record(model.name, usage or ex.estimate(max(events - 2, 0)), served=status == 200)
         gw.metrics.upstream_duration.labels(model.name).observe(ex.upstream_s)
-        ex.finish(model.name, reason, status)
+        ex.finish(model.name, reason, status, note=note)
         gw.leave()
 
 

@@ -41,7 +41,7 @@ def _wait_for(predicate: Any, timeout_s: float = 5.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("depth", [100, 300, 1000])
+@pytest.mark.parametrize("depth", [300, 1000])
 def test_deeply_nested_json_is_a_400(gateway: Gateway, depth: int) -> None:
     nested = "[" * depth + "]" * depth
     body = '{"model": "auto", "messages": [{"role": "user", "content": "hi"}], "x": ' + nested + "}"
@@ -56,7 +56,7 @@ def test_deeply_nested_json_is_a_400(gateway: Gateway, depth: int) -> None:
 
 def test_moderately_nested_tool_schema_is_accepted(gateway: Gateway) -> None:
     schema: dict[str, Any] = {"type": "string"}
-    for _ in range(20):
+    for _ in range(100):
         schema = {"type": "object", "properties": {"a": schema}}
     tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
     resp = httpx.post(

@@ -30,9 +30,10 @@ from starlette.routing import Route
 from router.accounting import usage_from_body
 from router.config import QualityChecks
 from router.errors import UpstreamUnavailable
+from router.protocol import chunk_well_shaped as _well_shaped
 from router.quality import answer_from_body, check_answer, compile_refusals
 from router.sse import MAX_EVENT_BYTES, SSEStream
-from router.streaming import _decode, _Held, _Malformed, _well_shaped, _without_logprobs
+from router.streaming import _decode, _Held, _Malformed, _without_logprobs
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_config
 from tests.loopback import serve, triage_process
 from tests.router.test_streaming import stream_events, text_of
