@@ -11,7 +11,17 @@ file descriptor until the process can no longer accept or reach its upstreams.
   than `max_header_bytes` of them reach the parser. A longer head gets 431 and the
   connection is closed, so memory per connection stays under the budget whatever
   the client sends. One header (name and value) over `max_header_line_bytes` also
-  gets 431; a request target over that size gets 414.
+  gets 431; a request target over that size gets 414. A head with more than
+  `MAX_HEADERS` headers gets 431 `too_many_headers`: each header costs a parser
+  callback and a list entry, and 13,000 tiny ones fit in the byte budget.
+- OpenAI-shaped answers to broken HTTP: where uvicorn sends a plain-text `400 Invalid
+  HTTP request received.` (conflicting Content-Length, Content-Length with
+  Transfer-Encoding, a bad chunk size, a bad method, bare LF, garbage), the gateway
+  sends 400 `invalid_http_request` in the JSON error shape, then closes. The parser's
+  own message is not echoed, since it can quote the client's bytes.
+- pipelined requests keep their answers: when a request that breaks a limit or is not
+  HTTP follows requests whose answers are still being written, the refusal is sent
+  after those answers instead of in front of them (uvicorn writes its 400 at once).
 - a head deadline: a connection must deliver a whole request head within
   `header_timeout_s` of opening, or of the end of its previous response. Bytes that
   trickle in do not extend it. A connection with part of a head gets 408. A silent
@@ -74,6 +84,8 @@ MIN_CONNECTIONS = 32
 LINGER_S = 1.0
 LINGER_BYTES = 1 << 20
 _WARN_EVERY_S = 10.0
+# Headers allowed in one request head; clients send about 10-30.
+MAX_HEADERS = 128
 
 
 @dataclass(frozen=True)
@@ -201,6 +213,8 @@ class GatewayProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, bytes] | None = None
         self._lingering = False
+        # A refusal waiting for the answers to earlier pipelined requests.
+        self._deferred: tuple[int, bytes, bytes] | None = None
 
     # Connection lifetime
 
@@ -329,9 +343,12 @@ class GatewayProtocol(HttpToolsProtocol):
         elif self._refusal is not None:
             self._reject(*self._refusal)
         else:
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("The request is not valid HTTP/1.1.")
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answers in text/plain; `msg` is fixed here, never the parser's text.
+        self._reject(400, error_body(msg, "invalid_request_error", code="invalid_http_request"))
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -345,6 +362,10 @@ class GatewayProtocol(HttpToolsProtocol):
             message = f"A request header is larger than {self._max_line_bytes} bytes."
             body = error_body(message, "invalid_request_error", code="request_header_too_large")
             self._refusal = (431, body)
+            raise _Refused(message)
+        if len(self.headers) >= MAX_HEADERS:  # uvicorn starts a new list for each request
+            message = f"The request has more than {MAX_HEADERS} headers."
+            self._refusal = (431, error_body(message, "invalid_request_error", code="too_many_headers"))
             raise _Refused(message)
         # uvicorn's on_header, inlined: this runs for every header of every request.
         name = name.lower()
@@ -379,6 +400,9 @@ class GatewayProtocol(HttpToolsProtocol):
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
             return
+        if self._deferred is not None:
+            self._reject(*self._deferred)
+            return
         self._idle[self] = None
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -387,12 +411,30 @@ class GatewayProtocol(HttpToolsProtocol):
     # Writing
 
     def _reject(self, status: int, body: bytes, extra_headers: bytes = b"") -> None:
-        """Answer with an OpenAI-shaped error outside any request cycle, then close."""
+        """Answer with an OpenAI-shaped error outside any request cycle, then close.
+
+        While earlier pipelined requests are answered, the answer waits for theirs.
+        """
         self._cancel_head_timer()
         self._idle.pop(self, None)
-        if self.cycle is not None and not self.cycle.response_complete:
-            # A pipelined request broke a limit while an earlier response is being written.
-            self.transport.close()
+        cycle = self.cycle
+        waiting = cycle is not None and not cycle.response_complete  # an answer is being written
+        if waiting and cycle.more_body:
+            # The refused request is the newest one: its body did not parse.
+            if self.pipeline and self.pipeline[0][0] is cycle:
+                self.pipeline.popleft()  # not started; an earlier answer is still being written
+            elif cycle.response_started:
+                self.transport.close()
+                return
+            else:
+                cycle.disconnected = True  # its app sees a disconnect; its writes are dropped
+                cycle.message_event.set()
+                waiting = False
+        if waiting:
+            # Answer after the earlier requests; the parser has stopped, so drop input.
+            self._deferred = (status, body, extra_headers)
+            self._lingering = self._reading_head = True
+            self._head_bytes = self._max_head_bytes
             return
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:

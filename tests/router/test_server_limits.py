@@ -321,3 +321,96 @@ def test_limits_reach_every_worker(upstreams: Upstreams, tmp_path: Path) -> None
                 assert read_until_closed(idle) == b""
                 assert time.monotonic() - started < 2.0
         assert httpx.post(served.url + "/v1/chat/completions", json=CHAT, headers=HEADERS).status_code == 200
+
+
+def responses_of(received: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Split what one connection received into (status, headers, body), using content-length."""
+    answers = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        status_line, *lines = head.split(b"\r\n")
+        headers = dict(line.lower().split(b": ", 1) for line in lines)
+        length = int(headers[b"content-length"])
+        answers.append((status_of(status_line), headers, rest[:length]))
+        received = rest[length:]
+    return answers
+
+
+INVALID_HTTP = {
+    "error": {
+        "message": "The request is not valid HTTP/1.1.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_http_request",
+    }
+}
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        POST + b"content-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+        POST + b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        POST + b"transfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: 1\r\n folded\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: a\x00b\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: a\x7fb\r\n\r\n",
+        b"G@T /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\nhost: x\n\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(64)) + b"\r\n\r\n",
+    ],
+    ids=[
+        "two-lengths",
+        "length-and-chunked",
+        "bad-chunk",
+        "obs-fold",
+        "nul",
+        "del",
+        "method",
+        "bare-lf",
+        "tls",
+    ],
+)
+def test_malformed_http_gets_json_400(served: ServeProcess, request_bytes: bytes) -> None:
+    [(status, headers, body)] = responses_of(send_head(served, request_bytes))
+    assert status == 400
+    assert headers[b"content-type"] == b"application/json"
+    assert headers[b"connection"] == b"close"
+    assert orjson.loads(body) == INVALID_HTTP
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        b"garbage\r\n\r\n",
+        POST + b"transfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /healthz HTTP/1.1\r\n" + b"x-a: 1\r\n" * 200 + b"\r\n",
+    ],
+    ids=["garbage", "bad-chunk", "too-many-headers"],
+)
+def test_pipelined_answers_come_before_the_refusal(served: ServeProcess, broken: bytes) -> None:
+    # Two good requests in one packet with a broken one: both are answered, then the refusal.
+    ok = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    answers = responses_of(send_head(served, ok + ok + broken))
+    assert [status for status, _, _ in answers] == [200, 200, 431 if b"x-a" in broken else 400]
+    assert answers[-1][1][b"content-type"] == b"application/json"
+
+
+def test_header_count_limit(served: ServeProcess) -> None:
+    many = b"".join(b"x-h%d: 1\r\n" % i for i in range(200))
+    [(status, headers, body)] = responses_of(
+        send_head(served, b"GET /v1/models HTTP/1.1\r\nhost: x\r\n" + many + b"\r\n")
+    )
+    assert status == 431
+    assert headers[b"content-type"] == b"application/json"
+    assert orjson.loads(body)["error"] == {
+        "message": "The request has more than 128 headers.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "too_many_headers",
+    }
+    # A hundred headers (and the client's own) are served.
+    hundred = {f"x-h{i}": "1" for i in range(100)}
+    ok = httpx.post(served.url + "/v1/chat/completions", json=CHAT, headers={**HEADERS, **hundred})
+    assert ok.status_code == 200, ok.text
