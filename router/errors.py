@@ -15,7 +15,7 @@
         │   ├── UpstreamTooLarge    502 upstream_error (answer over max_response_bytes)
         │   └── UpstreamRedirect    502 upstream_error (a 3xx: never followed)
         ├── UpstreamTimeout         504 upstream_timeout
-        └── UpstreamStatus          upstream's own status and body, passed through
+        └── UpstreamStatus          upstream's own 4xx/5xx status; its body only if OpenAI-shaped
 
 The wire shape is `{"error": {"message", "type", "param", "code"}}`, as the
 official OpenAI SDK parses it.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -49,6 +50,7 @@ __all__ = [
     "UpstreamUnavailable",
     "error_body",
     "map_upstream_errors",
+    "safe_header_value",
 ]
 
 
@@ -188,15 +190,20 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamStatus(UpstreamError):
-    """The upstream answered with an error status; its status and body go to the client."""
+    """The upstream answered with an error status, passed on to the client with a safe body.
+
+    The body goes through only when it is an OpenAI error envelope; anything else
+    (an HTML page, a stack trace, a proxy's "connect to http://10.… failed") is
+    replaced by the gateway's own envelope, so no upstream text reaches the client.
+    """
 
     kind = "status"
 
     def __init__(self, status_code: int, content: bytes, retry_after: str | None = None) -> None:
-        super().__init__(f"upstream returned HTTP {status_code}")
+        super().__init__(f"upstream model returned HTTP {status_code}")
         self.status_code = status_code
         self.content = content
-        self.retry_after = retry_after
+        self.retry_after = _retry_after(retry_after)
 
     @property
     def retryable(self) -> bool:
@@ -204,16 +211,53 @@ class UpstreamStatus(UpstreamError):
         return self.status_code >= 500 or self.status_code == 429
 
     def body(self) -> bytes:
-        """Pass a JSON error body through; wrap anything else in the OpenAI envelope."""
+        """The upstream's body when it is OpenAI-shaped; else the gateway's envelope."""
         try:
             parsed: Any = orjson.loads(self.content)
         except orjson.JSONDecodeError:
             parsed = None
-        if isinstance(parsed, dict) and "error" in parsed:
+        if _is_openai_error(parsed):
             return self.content
-        text = self.content[:500].decode("utf-8", "replace").strip()
-        message = f"upstream returned HTTP {self.status_code}" + (f": {text}" if text else "")
-        return error_body(message, "upstream_error", None, self.status_code)
+        return error_body(self.message, self.type, None, self.status_code)
+
+
+def _is_openai_error(parsed: Any) -> bool:
+    # openai-python reads `body["error"]` as an object with a string `message`
+    # (types/shared/error_object.py); anything else would surface as garbage.
+    if not isinstance(parsed, dict):
+        return False
+    error = parsed.get("error")
+    return isinstance(error, dict) and isinstance(error.get("message"), str)
+
+
+# Longest header value passed on from an upstream; real ones are a few dozen bytes.
+MAX_HEADER_CHARS = 256
+
+
+def safe_header_value(value: str | None) -> str | None:
+    """`value` when it is short printable ASCII (spaces allowed), else None.
+
+    Starlette encodes header values as latin-1 and uvicorn refuses control bytes,
+    so anything else would turn a good answer into a 500.
+    """
+    if value is None or len(value) > MAX_HEADER_CHARS or not value.isascii() or not value.isprintable():
+        return None
+    return value
+
+
+def _retry_after(value: str | None) -> str | None:
+    # RFC 9110 10.2.3: delay-seconds (digits) or an HTTP-date; nothing else is meaningful.
+    value = safe_header_value(value)
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return value
+    try:
+        parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return value
 
 
 @contextmanager

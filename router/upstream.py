@@ -30,6 +30,7 @@ from router.errors import (
     UpstreamTooLarge,
     UpstreamUnavailable,
     map_upstream_errors,
+    safe_header_value,
 )
 from router.metrics import Metrics
 from router.sse import SSEStream
@@ -268,7 +269,7 @@ class ModelPool:
                 async with self.session.post(
                     url, data=body, headers={"x-request-id": request_id}, allow_redirects=False
                 ) as resp:
-                    self._check_redirect(resp)
+                    self._check_status(resp)
                     content = await self._read_body(resp)
         finally:
             lease.release()
@@ -292,7 +293,7 @@ class ModelPool:
             lease.release()
             raise
         try:
-            self._check_redirect(resp)
+            self._check_status(resp)
             if resp.status >= 400:
                 with map_upstream_errors(self.name):
                     content = await self._read_body(resp)
@@ -308,7 +309,16 @@ class ModelPool:
             raise
         return SSEStream(resp, self.name, self.model.max_response_bytes, lease.release)
 
-    def _check_redirect(self, resp: aiohttp.ClientResponse) -> None:
+    def _check_status(self, resp: aiohttp.ClientResponse) -> None:
+        """Refuse a redirect, and any final status outside 200-599.
+
+        aiohttp hands over any three digits (099, 600, 999) and a final 101;
+        passed on, such a status would kill the client's response in uvicorn.
+        """
+        if not 200 <= resp.status <= 599:
+            raise UpstreamUnavailable(
+                f"model {self.name!r} answered with an invalid status (HTTP {resp.status})"
+            )
         if 300 <= resp.status < 400:
             raise UpstreamRedirect(
                 f"model {self.name!r} answered with a redirect (HTTP {resp.status}), which is not followed"
@@ -361,4 +371,6 @@ def _bind(on_change: Callable[[int, State], None], idx: int) -> Callable[[State]
 
 
 def _pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
-    return {h: v for h in PASS_HEADERS if (v := resp.headers.get(h)) is not None}
+    # A value that is not short printable ASCII is dropped, not repaired: it
+    # carries nothing a client could use, and would break the response.
+    return {h: v for h in PASS_HEADERS if (v := safe_header_value(resp.headers.get(h))) is not None}
