@@ -76,18 +76,33 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
     chunks = []
     size = 0
+    # A body trickled in byte by byte would otherwise hold its connection forever. A plain
+    # timer that cancels the task costs a fraction of `asyncio.timeout` on this hot path.
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        if task is not None:
+            task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
     try:
-        # A body trickled in byte by byte would otherwise hold its connection forever.
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
-                chunks.append(chunk)
-    except TimeoutError:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
+            chunks.append(chunk)
+    except asyncio.CancelledError:
+        if not expired or task is None:
+            raise
+        task.uncancel()
         raise BodyTimeout(f"The request body did not arrive within {timeout_s:g} s.") from None
     except ClientDisconnect:
         raise ClientClosed("The client closed the connection before its request body arrived.") from None
+    finally:
+        timer.cancel()
     return b"".join(chunks)
 
 
