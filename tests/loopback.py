@@ -8,8 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,24 +68,25 @@ def free_port() -> int:
 
 
 @contextmanager
-def triage_process(config: Path, *args: str, start_timeout_s: float = 60) -> Iterator[ServeProcess]:
-    """Run `triage serve` as a real process on a free port; stop it with SIGTERM at the end."""
+def triage_process(
+    config: Path,
+    *args: str,
+    start_timeout_s: float = 60,
+    log: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[ServeProcess]:
+    """Run `triage serve` as a real process on a free port; stop it with SIGTERM at the end.
+
+    `args` follow the defaults (`--log-level warning` may be overridden there); `log`
+    collects the process's stdout and stderr; `env` and `preexec_fn` go to Popen.
+    """
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "router",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *args,
-        ],
-    )
+    cmd = [sys.executable, "-m", "router", "serve", "--config", str(config), "--port", str(port)]
+    cmd += ["--log-level", "warning", *args]
+    with ExitStack() as files:
+        out = files.enter_context(log.open("wb")) if log is not None else None
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, preexec_fn=preexec_fn)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout_s
@@ -96,7 +97,8 @@ def triage_process(config: Path, *args: str, start_timeout_s: float = 60) -> Ite
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("triage serve did not start")
+                why = log.read_text(errors="replace")[-3000:] if log is not None else ""
+                raise RuntimeError("triage serve did not start\n" + why)
             time.sleep(0.05)
         yield ServeProcess(proc, url)
     finally:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import Upstreams, base_config
-from tests.loopback import closed_port_url, free_port
+from tests.loopback import closed_port_url, triage_process
 
 EASY = {"role": "user", "content": "hi"}
 
@@ -47,34 +47,9 @@ class Served:
 
 @contextmanager
 def serve_logged(config: Path, *args: str) -> Iterator[Served]:
-    port = free_port()
     log = config.parent / "triage.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "router", "serve", "--config", str(config), "--port", str(port), *args],
-            stdout=out,
-            stderr=out,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("triage serve did not start:\n" + log.read_text())
-            time.sleep(0.05)
-        yield Served(url, proc, log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with triage_process(config, "--log-level", "info", *args, log=log) as served:
+        yield Served(served.url, served.proc, log)
 
 
 def _write(tmp_path: Path, raw: dict[str, Any]) -> Path:

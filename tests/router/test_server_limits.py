@@ -9,10 +9,7 @@ from __future__ import annotations
 import os
 import re
 import resource
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import Upstreams, base_config
-from tests.loopback import ServeProcess, free_port
+from tests.loopback import ServeProcess, triage_process
 
 KEY = "sk-limits"
 HEADERS = {"authorization": f"Bearer {KEY}"}
@@ -48,49 +45,14 @@ def gateway(
     raw["auth"] = {"keys_env": "TRIAGE_LIMITS_KEYS"}
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    port = free_port()
 
     def lower_nofile() -> None:
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "router",
-            "serve",
-            "--config",
-            str(cfg),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *args,
-        ],
-        env={**os.environ, "TRIAGE_LIMITS_KEYS": f"tests:{KEY}"},
-        preexec_fn=lower_nofile,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("triage serve did not start")
-            time.sleep(0.05)
-        yield ServeProcess(proc, url)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    env = {**os.environ, "TRIAGE_LIMITS_KEYS": f"tests:{KEY}"}
+    with triage_process(cfg, *args, env=env, preexec_fn=lower_nofile) as served:
+        yield served
 
 
 def connect(served: ServeProcess, timeout_s: float = 5.0) -> socket.socket:
