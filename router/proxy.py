@@ -399,28 +399,15 @@ async def _attempts(ex: Exchange) -> Response:
                 ex.attempted.pop()
                 ex.finish(model.name, reason, exc.status_code, answered=False, note="pool_timeout")
                 return _error_response(exc, ex.headers(None, reason))
-            except UpstreamStatus as exc:
-                gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
-                verdict = True
-                if not exc.retryable:
-                    pool.mark_ok(idx)
-                    ex.finish(model.name, reason, exc.status_code)
-                    return _error_response(exc, ex.headers(model, reason))
-                event(
-                    UPSTREAM,
-                    logging.WARNING,
-                    "upstream failed",
-                    request_id=ex.request_id,
-                    model=model.name,
-                    endpoint=idx,
-                    error=exc.message,
-                )
-                pool.mark_failed(idx, _retry_after_s(exc) if exc.status_code == 429 else None)
-                last = exc
             except UpstreamError as exc:
                 gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
-                pool.mark_failed(idx)
                 verdict = True
+                if isinstance(exc, UpstreamStatus) and not exc.retryable:
+                    pool.mark_ok(idx)  # the client's error, passed on as it is
+                    ex.finish(model.name, reason, exc.status_code)
+                    return _error_response(exc, ex.headers(model, reason))
+                retry_after = _retry_after_s(exc) if isinstance(exc, UpstreamStatus) else None
+                pool.mark_failed(idx, retry_after if exc.status_code == 429 else None)
                 last = exc
                 event(
                     UPSTREAM,
