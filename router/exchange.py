@@ -174,6 +174,11 @@ class Exchange:
         )
         return QualityFailure(model.name, reason)
 
+    def client_left(self, model: str, reason: str) -> None:
+        """The client disconnected before any of its answer was sent: count and log it."""
+        self.gateway.metrics.client_disconnects.labels(model).inc()
+        self.finish(model, reason, 499, answered=False, note="client_disconnected")
+
     def finish(
         self, model: str, reason: str, status: int, *, answered: bool = True, note: str | None = None
     ) -> None:

@@ -214,9 +214,7 @@ def _client_gone(ex: Exchange | None) -> None:
     """The client left before its answer: upstream work was cancelled; count and log it."""
     if ex is None:
         return  # still reading the body: nothing was sent upstream
-    model = ex.decision.model
-    ex.gateway.metrics.client_disconnects.labels(model.name).inc()
-    ex.finish(model.name, ex.decision.reason, 499, answered=False, note="client_disconnected")
+    ex.client_left(ex.decision.model.name, ex.decision.reason)
 
 
 def _rejected(

@@ -225,8 +225,7 @@ async def stream_attempt(
     response.close_upstream = stream.aclose
 
     async def abandon() -> None:
-        ex.gateway.metrics.client_disconnects.labels(model.name).inc()
-        ex.finish(model.name, reason, 499, answered=False, note="client_disconnected")
+        ex.client_left(model.name, reason)
         ex.gateway.leave()
 
     response.abandon = abandon
