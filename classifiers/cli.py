@@ -35,7 +35,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--data", type=Path, default=TRAIN_PATH, help="training rows (.jsonl[.gz])")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("eval", help="AUROC per source/family; APGR and CPT for routing")
+    p = subparsers.add_parser(
+        "eval", help="AUROC per source/family; APGR and CPT for routing; multi-pair routing report"
+    )
     p.add_argument("--data", type=Path, required=True, help="rows with prompt and label")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.set_defaults(func=cmd_eval)
@@ -100,7 +102,8 @@ def _evaluation_rows(path: Path) -> list[Row]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Print n and AUROC (and routing metrics where rows carry them) per source and family."""
+    """Print n and AUROC (and routing metrics where rows carry them) per source and family,
+    then the multi-pair routing report on the in-repo dev sets (`classifiers.routing_eval`)."""
     from classifiers.metrics import auroc, routing_curve
 
     scorer = _load(args.model)
@@ -133,6 +136,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except ValueError:
             cells += [f"{'-':>6s}"] * 3
         print(f"{name:32s} {len(idx):6d} " + " ".join(cells))
+    # Every strong/weak pair the in-repo routing dev rows measured (plus AlpacaEval when
+    # shared/data is beside the clone), for this model.
+    from classifiers.routing_eval import report
+
+    print()
+    print(report({args.model.name: scorer.score_many}), end="")
     return 0
 
 

@@ -9,6 +9,8 @@ rest to the weak one. With a share `c` of calls sent to the strong model, qualit
   recovered (q_weak = q(0), q_strong = q(1)).
 - APGR = the area under PGR(c) for c from 0 to 1. A random router scores about 0.5.
 - CPT(x) = the smallest share of strong calls with PGR(c) >= x.
+- PGR at a fixed share, e.g. `pgr_at(0.3)`: the gap recovered when 30% of calls go to the
+  strong model (70% stay on the weak one); a random router gets 0.3.
 
 Ties in score are routed together (the curve is linear across a tie), so a constant scorer
 gets exactly the random router's straight line.
@@ -55,6 +57,12 @@ class RoutingCurve:
         """Area under PGR over strong share in [0, 1] (trapezoid rule)."""
         x, y = self.strong_share, self.pgr
         return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+    def pgr_at(self, share: float) -> float:
+        """PGR with `share` of calls sent to the strong model (linear between curve points)."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"strong share {share} is outside [0, 1]")
+        return float(np.interp(share, self.strong_share, self.pgr))
 
     def cpt(self, target: float) -> float:
         """Smallest share of strong calls reaching PGR >= target (interpolated)."""
