@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.app import create_app
+    from router.metrics import MULTIPROC_ENV
     from router.server import configure_protocol
 
     host = args.host or config.server.host
@@ -73,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         # metrics go through prometheus-client's multiprocess files so /metrics shows the
         # sum over workers, whichever worker answers the scrape.
         metrics_dir = Path(tempfile.mkdtemp(prefix="triage-metrics-"))
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
         os.environ["TRIAGE_CONFIG"] = str(args.config.resolve())
         os.environ["TRIAGE_LOG_FORMAT"] = args.log_format or config.server.log_format
         os.environ["TRIAGE_LOG_LEVEL"] = args.log_level

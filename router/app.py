@@ -28,11 +28,12 @@ from router.exchange import Endpoint
 from router.gateway import Gateway
 from router.logs import configure as configure_logs
 from router.logs import event
-from router.metrics import Metrics, exposition
+from router.metrics import MULTIPROC_ENV, Metrics, exposition
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.proxy import CLIENT_GONE, handle_completion
 from router.reload import Reloader, ReloadError
 from router.routing import REASONS
+from router.server import DISCONNECT_HOOK
 
 __all__ = ["create_app"]
 
@@ -41,6 +42,7 @@ log = logging.getLogger("triage")
 # A teacher probe result is reused this long, so readiness checks from a
 # load balancer do not become upstream traffic.
 _READY_CACHE_S = 2.0
+_SAMPLE_EVERY_S = 1.0
 
 
 # OpenAPI declaration of the error envelope, so generated clients and schema
@@ -153,39 +155,39 @@ class _DisconnectWatch:
     Without this, a client that gives up (its own timeout, a closed tab) leaves the
     student request running to its read timeout, and a quality or failure fallback
     then asks, and pays, the teacher for an answer nobody reads. Once the request
-    body has been read, a task waits for the server's `http.disconnect` message. A
-    streaming response listens for it itself (Starlette's StreamingResponse).
+    body has been read, the watch is armed; the server's protocol
+    (`router.server.GatewayProtocol`) calls it from `connection_lost` through the
+    scope, so a request costs no task and no extra wake-up. A streaming response
+    listens for the disconnect itself (Starlette's StreamingResponse).
     """
 
-    __slots__ = ("_receive", "_scope", "_task", "_watcher", "fired")
+    __slots__ = ("_receive", "_scope", "_task", "armed", "fired")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self._scope = scope
         self._receive = receive
         self._task = asyncio.current_task()
-        self._watcher: asyncio.Task[None] | None = None
+        self.armed = False
         self.fired = False
+        scope[DISCONNECT_HOOK] = self
 
     async def receive(self) -> Message:
         message = await self._receive()
         if message["type"] == "http.request" and not message.get("more_body", False):
-            if self._watcher is None:
-                self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            self.armed = True
         return message
 
-    async def _watch(self) -> None:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                break
+    def __call__(self) -> None:
+        """The connection is gone (called by the protocol)."""
+        if not self.armed or self.fired:
+            return
         self.fired = True
         self._scope[CLIENT_GONE] = True
         if self._task is not None:
             self._task.cancel()
 
     def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        self.armed = False
 
 
 def create_app(
@@ -220,9 +222,12 @@ def create_app(
         app.state.reloader = reloader
         loop = asyncio.get_running_loop()
         hup = _install_sighup(loop, reloader)
+        sampler = loop.create_task(_sample_levels(metrics)) if os.environ.get(MULTIPROC_ENV) else None
         try:
             yield
         finally:
+            if sampler is not None:
+                sampler.cancel()
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await reloader.aclose()
@@ -286,6 +291,7 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         gw: Gateway = request.app.state.gateway
         check_token(gw.auth.metrics_token, request.headers.get("authorization"))
+        metrics.sample()  # with workers, the exposition reads files, not this registry
         return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
@@ -387,6 +393,13 @@ def _models_body(config: Config) -> dict[str, Any]:
             for name in [config.routing.alias, *(m.name for m in config.models)]
         ],
     }
+
+
+async def _sample_levels(metrics: Metrics) -> None:
+    """With workers, the serving worker exports every worker's files: keep this one's current."""
+    while True:
+        metrics.sample()
+        await asyncio.sleep(_SAMPLE_EVERY_S)
 
 
 def _install_sighup(loop: asyncio.AbstractEventLoop, reloader: Reloader) -> bool:

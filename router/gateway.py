@@ -14,39 +14,27 @@ from router.breaker import State
 from router.config import Config
 from router.errors import Overloaded
 from router.logs import UPSTREAM, event
-from router.metrics import Metrics
+from router.metrics import Level, Metrics
 from router.quality import compile_refusals
 from router.retry_budget import RetryBudget
 from router.routing import Router
 from router.shadow import Shadow
 from router.upstream import ModelPool
 
-__all__ = ["Admission", "Gateway"]
+__all__ = ["Gateway"]
 
 _STATE_VALUE: dict[State, int] = {"closed": 0, "half_open": 1, "open": 2}
-
-
-class Admission:
-    """Completion requests in progress in this process, across reloads.
-
-    A reload swaps the Gateway but not this, so the limit
-    (`server.max_inflight_requests`) counts every request still running.
-    """
-
-    __slots__ = ("inflight",)
-
-    def __init__(self) -> None:
-        self.inflight = 0
 
 
 class Gateway:
     """Everything a request handler needs; one per running app."""
 
-    def __init__(
-        self, config: Config, scorer: Scorer, metrics: Metrics, admission: Admission | None = None
-    ) -> None:
+    def __init__(self, config: Config, scorer: Scorer, metrics: Metrics) -> None:
         self.config = config
-        self.admission = admission if admission is not None else Admission()
+        # Completion requests in progress in this process. A reload builds a new Gateway
+        # on the same Metrics, hence the same level, so the limit
+        # (`server.max_inflight_requests`) counts every request still running.
+        self.admission: Level = metrics.level(metrics.admitted)
         self._max_inflight = config.server.max_inflight_requests
         self.scorer = scorer
         self.metrics = metrics
@@ -99,20 +87,18 @@ class Gateway:
         Called once the body has arrived, so a client trickling its body in holds a
         connection (bounded by `server.body_timeout_s`) but no admission slot.
         """
-        if self.admission.inflight >= self._max_inflight:
+        if self.admission.value >= self._max_inflight:
             raise Overloaded(
                 f"The gateway is at its limit of {self._max_inflight} requests in flight; retry shortly.",
                 retry_after_s=1.0,
             )
-        self.admission.inflight += 1
-        self.metrics.admitted.inc()
+        self.admission.value += 1
 
     def leave(self, admitted: bool = True) -> None:
         """A request has finished (for a stream: its last event is sent)."""
         self.active -= 1
         if admitted:
-            self.admission.inflight -= 1
-            self.metrics.admitted.dec()
+            self.admission.value -= 1
 
     def _circuit_callback(self, model: str) -> Callable[[int, State], None]:
         def changed(idx: int, state: State) -> None:

@@ -19,8 +19,18 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["FALLBACK_REASONS", "POOL_STATES", "UPSTREAM_ERROR_TYPES", "Metrics", "exposition"]
+__all__ = [
+    "FALLBACK_REASONS",
+    "MULTIPROC_ENV",
+    "POOL_STATES",
+    "UPSTREAM_ERROR_TYPES",
+    "Level",
+    "Metrics",
+    "exposition",
+]
 
 # LLM-sized: generations take seconds to minutes.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -54,6 +64,8 @@ FALLBACK_REASONS = (
 UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated", "too_large", "redirect")
 POOL_STATES = ("in_use", "waiting")
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
+# Set (by `triage serve --workers`) to the folder where every worker writes its values.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -80,9 +92,39 @@ class Family(Generic[M]):
         return child
 
 
+class Level:
+    """A gauge's value kept as a plain number where it changes, copied into the gauge when sampled.
+
+    Setting a prometheus-client gauge takes a lock and a few checks (about 3 µs); the
+    in-flight and pool counts change several times per request, so the hot path adds
+    to `value` and `Metrics.sample` copies every level into its gauge at scrape time
+    (and once a second in each worker process, whose values other workers export).
+    """
+
+    __slots__ = ("gauge", "value")
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self.value = 0
+
+
+class _Sampler(Collector):
+    """Copies the levels into their gauges whenever the registry is collected."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        self._metrics.sample()
+        return ()
+
+
 def exposition(registry: CollectorRegistry) -> bytes:
     """The text for /metrics: this registry, or every worker's values in multiprocess mode."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get(MULTIPROC_ENV):
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
         return generate_latest(merged)
@@ -94,6 +136,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._levels: dict[int, Level] = {}
+        # Registered before any gauge, so a collection samples the levels first.
+        registry.register(_Sampler(self))
         self.requests = Family(
             Counter(
                 "triage_requests",
@@ -405,3 +450,15 @@ class Metrics:
             self.client_disconnects.labels(model)
             for state in POOL_STATES:
                 self.pool_connections.labels(model, state)
+
+    def level(self, gauge: Gauge) -> Level:
+        """The one `Level` behind this gauge (or labelled child): a reloaded gateway gets the same one."""
+        level = self._levels.get(id(gauge))
+        if level is None:
+            level = self._levels[id(gauge)] = Level(gauge)
+        return level
+
+    def sample(self) -> None:
+        """Copy every level into its gauge (before a scrape, and periodically with workers)."""
+        for level in self._levels.values():
+            level.gauge.set(level.value)

@@ -376,7 +376,8 @@ async def _attempts(ex: Exchange) -> Response:
             made += 1
             ex.attempted.append(model.name)
             verdict = False
-            gw.metrics.inflight.labels(model.name).inc()
+            inflight = gw.metrics.level(gw.metrics.inflight.labels(model.name))
+            inflight.value += 1
             try:
                 if ex.stream:
                     response: Response = await stream_attempt(ex, pool, idx, model, reason)
@@ -419,7 +420,7 @@ async def _attempts(ex: Exchange) -> Response:
             finally:
                 if not verdict:
                     pool.release(idx)
-                gw.metrics.inflight.labels(model.name).dec()
+                inflight.value -= 1
     assert last is not None
     return _give_up(ex, plan, last)
 

@@ -58,6 +58,7 @@ import os
 import resource
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
@@ -70,7 +71,13 @@ from uvicorn.server import ServerState
 from router.config import Config, ServerConfig
 from router.errors import error_body
 
-__all__ = ["ConnectionLimits", "GatewayProtocol", "configure_protocol", "raise_open_file_limit"]
+__all__ = [
+    "DISCONNECT_HOOK",
+    "ConnectionLimits",
+    "GatewayProtocol",
+    "configure_protocol",
+    "raise_open_file_limit",
+]
 
 log = logging.getLogger("triage.server")
 
@@ -86,6 +93,9 @@ LINGER_BYTES = 1 << 20
 _WARN_EVERY_S = 10.0
 # Headers allowed in one request head; clients send about 10-30.
 MAX_HEADERS = 128
+# Scope key of a callable the app may set: called when the connection of a request
+# whose response is not complete is lost (uvicorn only tells a task that awaits receive()).
+DISCONNECT_HOOK = "triage.on_disconnect"
 
 
 @dataclass(frozen=True)
@@ -249,9 +259,14 @@ class GatewayProtocol(HttpToolsProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
         super().connection_lost(exc)
         self._cancel_head_timer()
         self._idle.pop(self, None)
+        if cycle is not None and not cycle.response_complete:
+            hook: Callable[[], None] | None = cycle.scope.get(DISCONNECT_HOOK)  # type: ignore[assignment]
+            if hook is not None:
+                hook()
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:

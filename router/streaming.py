@@ -275,7 +275,8 @@ async def _pump(
     status = 200
     note: str | None = None
     shadow = _Held() if model.role == "student" and gw.shadow.sample() else None
-    gw.metrics.inflight.labels(model.name).inc()
+    inflight = gw.metrics.level(gw.metrics.inflight.labels(model.name))
+    inflight.value += 1
     out: list[bytes] = []
     first_write = True
     try:
@@ -338,7 +339,7 @@ async def _pump(
         gw.metrics.client_disconnects.labels(model.name).inc()
         raise
     finally:
-        gw.metrics.inflight.labels(model.name).dec()
+        inflight.value -= 1
         # One event per token is how OpenAI-compatible servers stream; minus
         # the role and finish chunks it is a fair estimate when usage is absent.
         # A stream that failed is paid for but was not a served answer.

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-from prometheus_client import Gauge
 
 from router.breaker import Breaker, State
 from router.config import ModelConfig, resolve_api_key
@@ -32,7 +31,7 @@ from router.errors import (
     map_upstream_errors,
     safe_header_value,
 )
-from router.metrics import Metrics
+from router.metrics import POOL_STATES, Level, Metrics
 from router.sse import SSEStream
 
 __all__ = ["Endpoint", "ModelPool", "SSEStream", "UpstreamReply"]
@@ -69,13 +68,13 @@ class _Slots:
     passes it on (cancellation), so no slot is ever lost.
     """
 
-    def __init__(self, size: int, in_use: Gauge | None, waiting: Gauge | None) -> None:
+    def __init__(self, size: int, in_use: Level | None, waiting: Level | None) -> None:
         self.size = size
         self.in_use = 0
         self.waiting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._in_use_gauge = in_use
-        self._waiting_gauge = waiting
+        self._in_use_level = in_use
+        self._waiting_level = waiting
 
     async def acquire(self, timeout_s: float | None) -> bool:
         """Take a slot; wait up to `timeout_s` (None: not at all). False when none came free."""
@@ -120,15 +119,15 @@ class _Slots:
 
     def _count(self, in_use: int, waiting: int) -> None:
         # Increments, not absolute values: after a reload the old and the new
-        # gateway's pools share the series until the old one drains.
+        # gateway's pools share the levels until the old one drains.
         if in_use:
             self.in_use += in_use
-            if self._in_use_gauge is not None:
-                self._in_use_gauge.inc(in_use)
+            if self._in_use_level is not None:
+                self._in_use_level.value += in_use
         if waiting:
             self.waiting += waiting
-            if self._waiting_gauge is not None:
-                self._waiting_gauge.inc(waiting)
+            if self._waiting_level is not None:
+                self._waiting_level.value += waiting
 
 
 class _Lease:
@@ -182,11 +181,12 @@ class ModelPool:
             sock_read=model.read_timeout_s,
         )
         self._session: aiohttp.ClientSession | None = None
-        self._slots = _Slots(
-            model.max_connections,
-            None if metrics is None else metrics.pool_connections.labels(model.name, "in_use"),
-            None if metrics is None else metrics.pool_connections.labels(model.name, "waiting"),
+        levels = (
+            (None, None)
+            if metrics is None
+            else tuple(metrics.level(metrics.pool_connections.labels(model.name, s)) for s in POOL_STATES)
         )
+        self._slots = _Slots(model.max_connections, *levels)
         self._pool_timeouts = None if metrics is None else metrics.pool_timeouts.labels(model.name)
 
     @property
@@ -335,8 +335,12 @@ class ModelPool:
         """
         cap = self.model.max_response_bytes
         declared = resp.content_length
-        if declared is not None and declared > cap:
-            raise self._too_large(cap)
+        if declared is not None:
+            if declared > cap:
+                raise self._too_large(cap)
+            if "content-encoding" not in resp.headers:
+                # Plain bytes of a declared length under the cap: one read, no loop.
+                return await resp.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_any():

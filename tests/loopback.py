@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -17,6 +18,9 @@ import httpx2 as httpx
 import uvicorn
 from starlette.types import ASGIApp
 
+from router.app import TriageApp
+from router.server import GatewayProtocol
+
 
 class LoopbackServer(uvicorn.Server):
     """A uvicorn server that can run outside the main thread."""
@@ -31,8 +35,11 @@ def serve(app: ASGIApp) -> Iterator[str]:
     """Serve `app` on a free loopback port; yield its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    # A gateway app runs on the gateway's own protocol, as under `triage serve` (limits from
+    # the config defaults); fake upstreams on uvicorn's.
+    http: type[asyncio.Protocol] | str = GatewayProtocol if isinstance(app, TriageApp) else "auto"
     server = LoopbackServer(
-        uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        uvicorn.Config(app, http=http, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
