@@ -16,7 +16,7 @@ from classifiers import features as F
 
 FORMAT = "triage-complexity"
 # Bump when the artifact's keys or the meaning of its arrays change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def feature_spec() -> dict[str, Any]:

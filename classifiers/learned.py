@@ -1,8 +1,12 @@
 """The learned scorer: fitted weights evaluated directly on the hot path.
 
-Scoring one prompt is `classifiers.features.featurize` plus a gather-and-sum over the
-hashed weights (TF-IDF folded in) and a 69-term dot product, tens of microseconds, instead of the ~1 ms of
-scikit-learn's per-call input validation. Loading never imports scikit-learn.
+Scoring one prompt is two parts added in log-odds, then calibrated:
+- lexical: `classifiers.features.featurize` plus a gather-and-sum over the hashed weights
+  (TF-IDF folded in) and a 69-term dot product;
+- semantic: the mean fitted weight of the prompt's WordPiece tokens (`classifiers.semantic`),
+  which equals a logistic regression on the prompt's static MiniLM vector.
+Tens of microseconds in all, instead of the ~1 ms of scikit-learn's per-call input
+validation. Loading never imports scikit-learn.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy.typing as npt
 from classifiers import features as F
 from classifiers.artifact import FORMAT, FORMAT_VERSION, feature_spec, sigmoid
 from classifiers.base import TextScorer
+from classifiers.semantic import TokenWeights
 
 
 class ArtifactError(ValueError):
@@ -45,6 +50,8 @@ class LearnedScorer(TextScorer):
             np.dot(np.asarray(artifact["cue_mean"], np.float64), self._cue_w)
         )
         self._calib_a, self._calib_b = (float(v) for v in artifact["calibration"])
+        self.semantic = TokenWeights(str(artifact["tokenizer_json"]), np.asarray(artifact["token_weights"]))
+        self._semantic_offset = float(artifact["semantic_offset"])
 
     @classmethod
     def load(cls, path: Path) -> LearnedScorer:
@@ -73,14 +80,22 @@ class LearnedScorer(TextScorer):
             )
         return cls(artifact)
 
-    def decision(self, text: str) -> float:
-        """The logistic regression's raw log-odds (before calibration)."""
+    def lexical(self, text: str) -> float:
+        """The n-gram and cue model's log-odds."""
         f = F.featurize(text)
         z = self._offset + float(np.dot(f.cues, self._cue_w))
         for idx in (f.char_idx, f.word_idx):
             if len(idx):
                 z += float(self._wi[idx].sum()) / math.sqrt(float(self._idf2[idx].sum()))
         return z
+
+    def semantic_part(self, text: str) -> float:
+        """The semantic model's share of the log-odds (already scaled by the fitted mix)."""
+        return self._semantic_offset + self.semantic.mean(text)
+
+    def decision(self, text: str) -> float:
+        """The combined raw log-odds (before calibration)."""
+        return self.lexical(text) + self.semantic_part(text)
 
     def calibrate(self, z: float) -> float:
         """Map raw log-odds to the calibrated probability."""

