@@ -10,10 +10,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.config import Config, ConfigError, config_hash, load_config
 from router.logs import configure as configure_logs
+
+if TYPE_CHECKING:
+    from classifiers import Scorer
+    from router.routing import Router
 
 DEFAULT_CONFIG = Path("config.yaml")
 
@@ -111,7 +115,26 @@ def _route(args: argparse.Namespace) -> int:
     score = scorer.score_text(args.text)
     decision = router.decide(config.routing.alias, None, score, router.estimate_tokens(len(args.text)))
     print(f"score {score:.3f} -> {decision.model.name} ({decision.reason})")
+    if args.explain:
+        _explain(args.text, scorer, config, router)
     return 0
+
+
+def _explain(text: str, scorer: Scorer, config: Config, router: Router) -> None:
+    """The policy's thresholds and, for a learned scorer, the features behind the score."""
+    from classifiers.explain import cue_mean_of, explain, format_explanation
+    from classifiers.learned import LearnedScorer
+
+    bounds = ", ".join(f"{m.name} below {router.controller.threshold(m.name):.3f}" for m in config.students)
+    print(f"policy: {bounds or 'no students'}; otherwise {config.teacher.name}")
+    if not isinstance(scorer, LearnedScorer):
+        print(f"the {scorer.name} scorer has no feature breakdown")
+        return
+    # Centring the cues on the training mean needs the artifact's means, which the scorer
+    # folds into its offset; `config.classifier.path` is set for every learned scorer.
+    assert config.classifier.path is not None
+    cue_mean = cue_mean_of(config.classifier.path)
+    print(format_explanation(explain(scorer, text, cue_mean=cue_mean)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     route = sub.add_parser("route", help="print the score and the model a prompt would get")
     route.add_argument("text")
     route.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    route.add_argument(
+        "--explain",
+        action="store_true",
+        help="also print the policy's thresholds and the features that pushed the score up and down",
+    )
     route.set_defaults(func=_route)
 
     from router.render import add_subcommand as add_render
