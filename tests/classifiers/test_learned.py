@@ -101,3 +101,45 @@ def test_shipped_artifact_loads() -> None:
     scorer = LearnedScorer.load(DEFAULT_MODEL)
     assert scorer.metadata["rows_by_source"].keys().isdisjoint({"alpaca_eval", "alpaca_seed"})
     assert scorer.score_text("Write a proof of Fermat's little theorem.") > scorer.score_text("hi")
+
+
+def test_score_many_batches_tokenizing_and_matches_score_text(
+    fitted: Fitted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from classifiers import learned
+    from classifiers.semantic import CACHE_KEY_CHARS, split_chunks
+
+    dev = [r["prompt"] for r in list(read_jsonl(DEV_PATH))[:200]]
+    odd = [
+        "",
+        "x",
+        "again again again",
+        "a\x0cb \x85 c\x1fd",
+        "\ud800 lone surrogate \udfff",
+        "https://example.com/" + "very-long-path-segment-" * 10,
+        "Prove x^2 >= 0. " * 2_000,
+    ]
+    texts = dev + odd + dev[:20]
+    expected = [LearnedScorer(fitted.artifact).score_text(t) for t in texts]
+
+    monkeypatch.setattr(learned, "_PRIME_BATCH", 64)
+    scorer = LearnedScorer(fitted.artifact)
+    calls: list[int] = []
+    encode = scorer.semantic._encode
+
+    def counting(chunks: list[str]) -> dict[str, complex]:
+        calls.append(len(chunks))
+        return encode(chunks)
+
+    monkeypatch.setattr(scorer.semantic, "_encode", counting)
+    assert scorer.score_many(iter(texts)) == expected  # exactly, in order, from a generator
+    slices = -(-len(texts) // 64)
+    with_long = sum(any(len(c) > CACHE_KEY_CHARS for c in split_chunks(t)) for t in texts)
+    # One tokenizer call per slice, plus one per text holding an uncacheable long chunk.
+    assert len(calls) <= slices + with_long < len(texts) // 4
+    assert scorer.score_many(texts) == expected  # warm cache: no re-encoding of short chunks
+    assert len(calls) <= slices + 2 * with_long
+
+    # Near the cache bound priming stands aside; the scores stay the same.
+    monkeypatch.setattr(learned, "CACHE_ENTRIES", 10)
+    assert LearnedScorer(fitted.artifact).score_many(texts) == expected
