@@ -11,7 +11,8 @@
 - a cue adds its value times its weight; with the training mean of the cues, the mean is
   subtracted here and added back to the offset, so a cue reads as "pushed up or down compared
   with the average training prompt" rather than a large share that the offset cancels;
-- a WordPiece token adds its weight * count / number of tokens (the semantic part is a mean).
+- a WordPiece token adds its weight * count / (number of tokens + the prior's pseudo-tokens);
+  the pseudo-tokens' share (the pull toward an average prompt) is part of the semantic offset.
 
 Feature buckets are hashes, so the n-gram strings are recomputed here in `featurize`'s order
 and checked against its buckets one for one. Offline only: nothing here is on the hot path.
@@ -95,7 +96,7 @@ class Explanation:
 
 def _folded(text: str) -> str:
     """The text featurize reads: head and tail kept, lower case, ASCII digits as "0"."""
-    return "".join("0" if "0" <= ch <= "9" else ch for ch in F._clip(text).lower())
+    return "".join("0" if "0" <= ch <= "9" else ch for ch in F.lowered(text))
 
 
 def char_ngrams(text: str) -> list[str]:
@@ -210,10 +211,11 @@ def explain(scorer: LearnedScorer, text: str, top: int = 8, cue_mean: F64 | None
         Contribution(name, float(v)) for name, v in zip(cue_names(), cue_values, strict=True) if v != 0.0
     )
     tokens_seen = scorer.semantic.contributions(text)
-    n_tokens = sum(c for _, _, c in tokens_seen)
-    tokens = tuple(Contribution(t, w * c / n_tokens, c) for t, w, c in tokens_seen)
+    weight = sum(c for _, _, c in tokens_seen) + scorer._semantic_prior
+    tokens = tuple(Contribution(t, w * c / weight, c) for t, w, c in tokens_seen)
     lexical = offset + math.fsum(c.value for part in (chars, words, cues) for c in part)
-    semantic = scorer._semantic_offset + math.fsum(c.value for c in tokens)
+    semantic_offset = scorer._semantic_offset + scorer._semantic_pull / weight
+    semantic = semantic_offset + math.fsum(c.value for c in tokens)
     z = lexical + semantic
     return Explanation(
         probability=scorer.calibrate(z),
@@ -221,7 +223,7 @@ def explain(scorer: LearnedScorer, text: str, top: int = 8, cue_mean: F64 | None
         lexical=lexical,
         semantic=semantic,
         lexical_offset=offset,
-        semantic_offset=scorer._semantic_offset,
+        semantic_offset=semantic_offset,
         cues_centered=cue_mean is not None,
         groups={
             "char n-grams": _ranked(chars),

@@ -295,11 +295,16 @@ def _clip(text: str) -> str:
     return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
 
 
+def lowered(text: str) -> str:
+    """The clipped, lower-cased text that n-grams are taken from (digits not yet folded)."""
+    # Lower-casing can lengthen a text ("İ" becomes two code points): clip again after it.
+    return _clip(_clip(text).lower())
+
+
 def featurize(text: str) -> Features:
     """Features of one prompt; bounded work for any input length or content."""
     full_len = len(text)
-    clipped = _clip(text)
-    codes = _encode(clipped.lower())
+    codes = _encode(lowered(text))
     n = len(codes)
     small = np.minimum(codes, 128)
     is_digit = _DIGIT[small]

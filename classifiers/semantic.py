@@ -110,11 +110,6 @@ class TokenWeights:
                 self._cache = {}
         return float(total.real), int(total.imag)
 
-    def mean(self, text: str) -> float:
-        """Mean token weight of the text; 0.0 for a text with no tokens."""
-        total, n = self.totals(text)
-        return total / n if n else 0.0
-
     def contributions(self, text: str) -> list[tuple[str, float, int]]:
         """Each distinct token of the text with its weight and count (for explanations)."""
         ids: list[int] = []

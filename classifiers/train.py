@@ -53,6 +53,9 @@ class TrainConfig:
     semantic_mix: float = 0.5
     semantic_dims: int = 256
     semantic_weighting: str = "sif"
+    # Pseudo-tokens at the training prompts' mean vector added to every prompt (see
+    # `_shrunk_means`): "thanks" alone otherwise gets the extreme score of its one token.
+    semantic_prior_tokens: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -121,22 +124,32 @@ def _platt(
     return float(lr.coef_[0, 0]), float(lr.intercept_[0])
 
 
-def _mean_vectors(texts: Sequence[str], table: SE.TokenTable) -> F64:
-    """Each text's mean static MiniLM vector (float64); zeros for a text with no tokens."""
+def _token_sums(texts: Sequence[str], table: SE.TokenTable) -> tuple[F64, F64]:
+    """Each text's sum of static MiniLM token vectors (float64) and its token count."""
     enc = SE.TokenEncoder.from_table(table)
     vectors = table.vectors.astype(np.float64)
-    out = np.zeros((len(texts), vectors.shape[1]))
+    sums = np.zeros((len(texts), vectors.shape[1]))
+    counts = np.zeros(len(texts))
     for i, ids in enumerate(enc.ids_many(texts)):
-        if len(ids):
-            out[i] = vectors[ids].mean(axis=0)
+        sums[i] = vectors[ids].sum(axis=0)
+        counts[i] = len(ids)
+    return sums, counts
+
+
+def _shrunk_means(sums: F64, counts: F64, center: F64, prior: float) -> F64:
+    """Mean token vectors pulled toward `center` by `prior` pseudo-tokens.
+
+    A one-word prompt's mean is that word's vector, far from any training prompt's mean: the
+    pull keeps a short prompt's semantic score near the average instead of extrapolating.
+    """
+    out: F64 = (sums + prior * center) / (counts + prior)[:, None]
     return out
 
 
-def _semantic_matrix(rows: Sequence[Row], config: TrainConfig) -> tuple[F64, SE.TokenTable]:
-    """Each row's mean static MiniLM vector, from the cached or newly built table."""
+def _semantic_table(config: TrainConfig) -> SE.TokenTable:
     weighting: SE.Weighting = "sif" if config.semantic_weighting == "sif" else "none"
     table, _ = SE.load_or_build_table(config.semantic_dims, weighting)
-    return _mean_vectors([str(r["prompt"]) for r in rows], table), table
+    return table
 
 
 def fit(rows: Sequence[Row], config: TrainConfig | None = None) -> Fitted:
@@ -159,7 +172,12 @@ def _fit_all(rows: Sequence[Row], config: TrainConfig) -> Fitted:
     x = F.feature_matrix(feats, idf, cue_mean, cue_std)
     target, weight = _targets(rows, config)
 
-    emb, table = _semantic_matrix(rows, config)
+    table = _semantic_table(config)
+    sums, counts = _token_sums([str(r["prompt"]) for r in rows], table)
+    has = counts > 0
+    center = (sums[has] / counts[has, None]).mean(axis=0)
+    prior = config.semantic_prior_tokens
+    emb = _shrunk_means(sums, counts, center, prior)
     emb_mean = emb.mean(axis=0)
     emb_std = np.where(emb.std(axis=0) > 0, emb.std(axis=0), 1.0)
     z_emb = (emb - emb_mean) / emb_std
@@ -184,9 +202,11 @@ def _fit_all(rows: Sequence[Row], config: TrainConfig) -> Fitted:
         sem = _fit(z_emb, target, weight, sem_config)
         bar.update()
     coef = model.coef_[0]
-    # mix * (w . (mean_t v_t - mu) / sd + b) = mean_t(token_weights[t]) + semantic_offset.
+    # mix * (w . (v - mu) / sd + b) with v = (sum_t v_t + k c) / (n + k) equals
+    # (sum_t token_weights[t] + k * semantic_center) / (n + k) + semantic_offset.
     w_sem = mix * sem.coef_[0] / emb_std
     token_weights = table.vectors.astype(np.float64) @ w_sem
+    semantic_center = float(center @ w_sem)
     semantic_offset = mix * float(sem.intercept_[0]) - float(emb_mean @ w_sem)
     artifact: dict[str, Any] = {
         "format": FORMAT,
@@ -210,12 +230,14 @@ def _fit_all(rows: Sequence[Row], config: TrainConfig) -> Fitted:
         "intercept": float(model.intercept_[0]),
         "token_weights": token_weights,
         "semantic_offset": semantic_offset,
+        "semantic_center": semantic_center,
+        "semantic_prior_tokens": float(prior),
         "tokenizer_json": table.tokenizer_json,
         "calibration": (calib_a, calib_b),
     }
 
     def semantic_inputs(texts: Sequence[str]) -> F64:
-        z: F64 = (_mean_vectors(texts, table) - emb_mean) / emb_std
+        z: F64 = (_shrunk_means(*_token_sums(texts, table), center, prior) - emb_mean) / emb_std
         return z
 
     return Fitted(

@@ -102,7 +102,7 @@ def _run(triage: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str
 
 def test_no_extra_is_installed(installed: Path) -> None:
     python = installed.parent / "python"
-    for module in ("httpx2", "openai", "pytest", "hypothesis"):
+    for module in ("openai", "pytest", "hypothesis"):
         found = subprocess.run(
             [str(python), "-c", f"import importlib.util as u; print(u.find_spec({module!r}) is None)"],
             capture_output=True,
@@ -111,6 +111,32 @@ def test_no_extra_is_installed(installed: Path) -> None:
             check=True,
         )
         assert found.stdout.strip() == "True", f"{module} is installed without extras"
+
+
+# httpx2 is installed without extras (the tokenizer's hub client depends on it), so what must
+# hold is that no module of the product imports it or any other test-only package.
+_IMPORT_ALL = """
+import importlib, pkgutil, sys
+import classifiers, router
+for pkg in (router, classifiers):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+import router.__main__
+from classifiers.cli import DEFAULT_MODEL
+from classifiers.learned import LearnedScorer
+LearnedScorer.load(DEFAULT_MODEL).score_text("How do I bake bread?")
+print(sorted(m for m in ("httpx2", "openai", "pytest", "hypothesis") if m in sys.modules))
+"""
+
+
+def test_no_module_imports_a_test_only_package(installed: Path, tmp_path: Path) -> None:
+    python = installed.parent / "python"
+    out = subprocess.run(
+        [str(python), "-c", _IMPORT_ALL], capture_output=True, text=True, env=_clean_env(), cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_every_subcommand_runs_without_extras(installed: Path, tmp_path: Path) -> None:
