@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy.typing as npt
 from classifiers import features as F
 from classifiers.artifact import FORMAT, FORMAT_VERSION, feature_spec, sigmoid
 from classifiers.base import TextScorer
-from classifiers.semantic import CACHE_ENTRIES, CACHE_KEY_CHARS, TokenWeights, split_chunks
+from classifiers.semantic import TokenWeights
 
 # score_many encodes the unseen chunks of this many texts in one tokenizer call.
 _PRIME_BATCH = 1024
@@ -123,22 +123,6 @@ class LearnedScorer(TextScorer):
         out: list[float] = []
         rest = iter(texts)
         while part := list(islice(rest, _PRIME_BATCH)):
-            self._prime(part)
+            self.semantic.prime(part)
             out.extend(self.calibrate(self.decision(t)) for t in part)
         return out
-
-    def _prime(self, texts: list[str]) -> None:
-        """Put the texts' unseen cacheable chunks into the semantic cache, in one tokenizer call.
-
-        Only when a chunk is tokenized changes, not its value: a chunk's weight sum and token
-        count do not depend on the other chunks of the call. Near the cache bound this does
-        nothing and `TokenWeights.totals` encodes (and starts the cache over) as usual.
-        """
-        cache = self.semantic._cache
-        unseen = [
-            c
-            for c in dict.fromkeys(chain.from_iterable(map(split_chunks, texts)))
-            if len(c) <= CACHE_KEY_CHARS and c not in cache
-        ]
-        if unseen and len(cache) + len(unseen) <= CACHE_ENTRIES:
-            self.semantic._encode(unseen)

@@ -107,7 +107,7 @@ def test_shipped_artifact_loads() -> None:
 def test_score_many_batches_tokenizing_and_matches_score_text(
     fitted: Fitted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from classifiers import learned
+    from classifiers import learned, semantic
     from classifiers.semantic import CACHE_KEY_CHARS, split_chunks
 
     dev = [r["prompt"] for r in list(read_jsonl(DEV_PATH))[:200]]
@@ -142,5 +142,5 @@ def test_score_many_batches_tokenizing_and_matches_score_text(
     assert len(calls) <= slices + 2 * with_long
 
     # Near the cache bound priming stands aside; the scores stay the same.
-    monkeypatch.setattr(learned, "CACHE_ENTRIES", 10)
+    monkeypatch.setattr(semantic, "CACHE_ENTRIES", 10)
     assert LearnedScorer(fitted.artifact).score_many(texts) == expected
