@@ -42,7 +42,9 @@ log = logging.getLogger("triage")
 # A teacher probe result is reused this long, so readiness checks from a
 # load balancer do not become upstream traffic.
 _READY_CACHE_S = 2.0
-_SAMPLE_EVERY_S = 1.0
+# With workers, how often each one adds its counts to the shared metric files: a scrape
+# answered by one worker may show the others' last second of requests only at the next.
+SAMPLE_EVERY_S = 1.0
 
 
 # OpenAPI declaration of the error envelope, so generated clients and schema
@@ -228,6 +230,7 @@ def create_app(
         finally:
             if sampler is not None:
                 sampler.cancel()
+                metrics.sample()  # this worker's last counts, before its files are all that remain
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await reloader.aclose()
@@ -399,7 +402,7 @@ async def _sample_levels(metrics: Metrics) -> None:
     """With workers, the serving worker exports every worker's files: keep this one's current."""
     while True:
         metrics.sample()
-        await asyncio.sleep(_SAMPLE_EVERY_S)
+        await asyncio.sleep(SAMPLE_EVERY_S)
 
 
 def _install_sighup(loop: asyncio.AbstractEventLoop, reloader: Reloader) -> bool:
