@@ -25,7 +25,7 @@ import json
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,59 @@ def _routing_row(row: Row, outcomes: Outcomes | None = None) -> Row | None:
     return {**_slim(row, outcomes), "strong_score": round(strong, 4), "weak_score": round(weak, 4)}
 
 
+STEPS_SOURCE = "gsm8k_steps"
+# Solution lines at or above this count share one target (few problems need more).
+_MAX_STEPS = 7
+
+
+def _norm_prompt(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def _solution_steps(answer: str) -> int:
+    """Lines of a GSM8K reference solution, not counting the final `#### answer` line."""
+    return len([ln for ln in answer.split("\n") if ln.strip() and not ln.startswith("####")])
+
+
+def gsm8k_step_rows(shared: Path, rows: Sequence[Row], dev_prompts: Iterable[str]) -> list[Row]:
+    """Soft-labelled rows for the GSM8K *train* questions that no other row holds.
+
+    The 7 small models' failure rate on a GSM8K-train question (`routerdc_small7`) rises
+    with the length of its reference solution (Spearman 0.48 on the ~970 questions that
+    have both). The other ~6,500 GSM8K-train questions have a solution but no model
+    outcomes; each gets as `target` the mean failure rate of the train-split questions with
+    the same number of solution lines. Questions in the dev split are left out, and GSM8K's
+    test split is never read.
+    """
+    problems = list(read_jsonl(shared / "gsm8k" / "train.jsonl"))
+    steps = {_norm_prompt(str(p["question"])): _solution_steps(str(p["answer"])) for p in problems}
+    by_steps: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("bench") == "gsm8k" and r.get("target") is not None:
+            n = steps.get(_norm_prompt(str(r["prompt"])))
+            if n is not None:
+                by_steps.setdefault(min(max(n, 2), _MAX_STEPS), []).append(float(r["target"]))
+    target = {n: round(sum(v) / len(v), 4) for n, v in by_steps.items()}
+    taken = {_norm_prompt(str(r["prompt"])) for r in rows} | {_norm_prompt(p) for p in dev_prompts}
+    out: list[Row] = []
+    for i, p in enumerate(problems):
+        question = str(p["question"])
+        if _norm_prompt(question) in taken:
+            continue
+        n = min(max(_solution_steps(str(p["answer"])), 2), _MAX_STEPS)
+        out.append(
+            {
+                "id": f"{STEPS_SOURCE}:train/{i}",
+                "source": STEPS_SOURCE,
+                "family": "math",
+                "bench": "gsm8k",
+                "prompt": question,
+                "target": target[n],
+            }
+        )
+    return out
+
+
 def build_repo_data(shared: Path, out: Path = DATA_DIR) -> dict[str, int]:
     """Copy the shippable train/dev rows and the routing dev set from `shared` into `out`."""
     labelled = {
@@ -297,6 +350,8 @@ def build_repo_data(shared: Path, out: Path = DATA_DIR) -> dict[str, int]:
         if r["split"] == "train" and r.get("target") is not None
     ]
     dev = [_slim(r, outcomes[r["id"]]) for r in labelled["dev"]]
+    dev_split = [str(r["prompt"]) for r in labelled["dev"] + ambiguous if r["split"] == "dev"]
+    train += gsm8k_step_rows(shared, train, dev_split)
     routing = [
         rr
         for r in labelled["dev"] + [r for r in ambiguous if r["split"] == "dev"]

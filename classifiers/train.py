@@ -39,6 +39,9 @@ class TrainConfig:
     # Rows without a hard label can train on their `target` as a soft label, with this
     # weight; on dev it made no difference (MODEL_CARD), so the shipped model leaves them out.
     soft_weight: float = 0.0
+    # ...except these sources, whose rows only have a soft label: GSM8K-train questions
+    # labelled by their solution length (`classifiers.dataset.gsm8k_step_rows`).
+    soft_sources: tuple[tuple[str, float], ...] = (("gsm8k_steps", 1.0),)
     # Chat is the thinnest family and the one the gateway sees most: upweight it.
     family_weight: tuple[tuple[str, float], ...] = (("chat", 3.0),)
     calibration_folds: int = 3
@@ -47,10 +50,10 @@ class TrainConfig:
     tol: float = 1e-4
     # Semantic half: a logistic regression on the prompt's static MiniLM vector (standardised),
     # added to the n-gram model's log-odds with `semantic_mix` times the ratio of the two
-    # models' out-of-fold score spreads. 0.5 was picked on the routing dev proxies (MODEL_CARD):
+    # models' out-of-fold score spreads. 0.25 was picked on the routing dev proxies (MODEL_CARD):
     # more helps chat-like prompts, less keeps the n-gram model's edge within math sets.
     semantic_c: float = 1.0
-    semantic_mix: float = 0.5
+    semantic_mix: float = 0.25
     semantic_dims: int = 256
     semantic_weighting: str = "sif"
     # Pseudo-tokens at the training prompts' mean vector added to every prompt (see
@@ -82,6 +85,7 @@ def featurize_all(texts: Sequence[str], desc: str = "features") -> list[F.Featur
 def _targets(rows: Sequence[Row], config: TrainConfig) -> tuple[npt.NDArray[np.float64], ...]:
     """Per-row target in [0, 1] and sample weight."""
     fam_w = dict(config.family_weight)
+    soft_w = dict(config.soft_sources)
     target = np.empty(len(rows))
     weight = np.empty(len(rows))
     for i, row in enumerate(rows):
@@ -90,7 +94,7 @@ def _targets(rows: Sequence[Row], config: TrainConfig) -> tuple[npt.NDArray[np.f
             weight[i] = 1.0
         else:
             target[i] = float(row["target"])
-            weight[i] = config.soft_weight
+            weight[i] = soft_w.get(str(row.get("source")), config.soft_weight)
         weight[i] *= fam_w.get(str(row.get("family")), 1.0)
     return target, weight
 
