@@ -46,7 +46,7 @@ class TrainConfig:
     family_weight: tuple[tuple[str, float], ...] = (("chat", 3.0),)
     calibration_folds: int = 3
     seed: int = 0
-    max_iter: int = 300
+    max_iter: int = 1000
     tol: float = 1e-4
     # Semantic half: a logistic regression on the prompt's static MiniLM vector (standardised),
     # added to the n-gram model's log-odds with `semantic_mix` times the ratio of the two
