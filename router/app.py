@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -219,6 +220,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = Gateway(config, scorer, metrics)
         _log_start(config)
+        # Everything built so far (classifier arrays, config, pools) lives as long as the
+        # process: out of the collector's sight, a full collection no longer walks it.
+        gc.collect()
+        gc.freeze()
         app.state.ready_at = 0.0
         reloader = Reloader(app, config_path, metrics)
         app.state.reloader = reloader
