@@ -7,6 +7,9 @@ One function, `featurize`, turns a prompt into three parts:
 - `cues`: a small dense vector a person would look at (length, constraints, steps, math
   notation, code, quantities, question type).
 
+`featurize_many` gives the same arrays for a batch of prompts with a fixed number of numpy
+calls, for bulk scoring.
+
 Training builds a sparse matrix from these parts (`feature_matrix`); the hot path sums the
 fitted weights at the same buckets (`classifiers.learned`). Both read the same arrays, so
 the served score is the fitted model's score, not an approximation of it.
@@ -365,6 +368,160 @@ def featurize(text: str) -> Features:
     np.log1p(dense[:at], out=dense[:at])
     dense[at:] = qtype
     return Features(char_idx=char_idx, word_idx=word_idx, cues=dense)
+
+
+_GAP = max(CHAR_NGRAMS) - 1
+# Power tables up to this many positions (8 MiB each) are kept between batches.
+_KEEP_POWERS = 1 << 20
+_big_powers: tuple[U64, U64] = (np.ones(0, np.uint64), np.ones(0, np.uint64))
+
+
+def _powers_upto(size: int) -> tuple[U64, U64]:
+    """P**k and P**-k mod 2**64 for k < size (at least); kept, grown by doubling, up to a cap."""
+    global _big_powers
+    pw, pinv = _big_powers
+    if len(pw) < size:
+        n = max(size, min(2 * len(pw), _KEEP_POWERS), _MAX_LEN)
+        pw = np.empty(n, dtype=np.uint64)
+        pinv = np.empty(n, dtype=np.uint64)
+        pw[0] = pinv[0] = 1
+        pw[1:] = _P
+        pinv[1:] = _P_INV
+        # uint64 array products wrap mod 2**64, as in `_powers`.
+        pw, pinv = np.cumprod(pw), np.cumprod(pinv)
+        if n <= _KEEP_POWERS:
+            _big_powers = (pw, pinv)
+    return pw, pinv
+
+
+@lru_cache(maxsize=1)
+def _question_table() -> tuple[U64, I64]:
+    """Sorted first-word hashes with their question-type ids (the dict of `_cue_tables`)."""
+    first = _cue_tables()[2]
+    keys = sorted(first)
+    return np.array(keys, dtype=np.uint64), np.array([first[k] for k in keys], dtype=np.int64)
+
+
+def _exclusive_cumsum(a: I64) -> I64:
+    out = np.zeros(len(a), dtype=np.int64)
+    np.cumsum(a[:-1], out=out[1:])
+    return out
+
+
+def featurize_many(texts: Sequence[str]) -> list[Features]:
+    """`featurize` of each text, equal array for array, with a fixed number of numpy calls.
+
+    The lowered texts are laid end to end with `max(CHAR_NGRAMS) - 1` zeros after each, the
+    padding `featurize` gives one text: n-gram hashes then read the same code points, zeros
+    are no word characters, so words and digit runs never span two texts, and a word's
+    prefix-sum hash is shift-invariant (multiplying by P**-start). Per-text counts are
+    bincounts over (text, value).
+    """
+    m = len(texts)
+    if m == 0:
+        return []
+    lows = [lowered(t) for t in texts]
+    full = np.array([len(t) for t in texts], dtype=np.int64)
+    n = np.array([len(t) for t in lows], dtype=np.int64)
+    gap = "\0" * _GAP
+    codes = _encode(gap.join(lows) + gap)
+    span = n + _GAP
+    total = int(span.sum())
+    if len(codes) != total:
+        raise ValueError("text encoding is not one code unit per code point")
+    off = _exclusive_cumsum(span)
+    tid = np.repeat(np.arange(m, dtype=np.int64), span)
+    local = np.arange(total, dtype=np.int64) - off[tid]
+    valid = local < n[tid]
+    small = np.minimum(codes, 128)
+    is_digit = _DIGIT[small]
+    codes[is_digit] = 48
+    vpos = valid.nonzero()[0]
+    cue_counts = np.bincount(tid[vpos] * 129 + small[vpos].astype(np.int64), minlength=m * 129).reshape(
+        m, 129
+    )
+
+    # Character n-grams, as in `featurize`, over the whole layout (each row one size).
+    pw, pinv = _powers_upto(total)
+    padded = np.zeros(total + _GAP, dtype=np.uint64)
+    padded[:total] = codes
+    h = padded[:total].copy()
+    char_rows = np.empty((len(CHAR_NGRAMS), total), dtype=np.int64)
+    row = 0
+    for k in range(1, max(CHAR_NGRAMS)):
+        h += padded[k : total + k] * pw[k]
+        size = k + 1
+        if size in CHAR_NGRAMS:
+            salt = _CHAR_SALT[CHAR_NGRAMS.index(size)]
+            char_rows[row] = ((h + salt) * _MIX) >> _SHIFT
+            row += 1
+
+    # Words.
+    is_word = np.zeros(total + 2, dtype=np.int8)
+    is_word[1:-1] = _WORD[small]
+    edges = is_word[1:] - is_word[:-1]
+    starts = (edges == 1).nonzero()[0]
+    ends = (edges == -1).nonzero()[0]
+    prefix = np.zeros(total + 1, dtype=np.uint64)
+    np.cumsum(codes * pw[:total], out=prefix[1:])
+    words = (prefix[ends] - prefix[starts]) * pinv[starts]
+    uni = (((words + _UNI_SALT) * _MIX) >> _SHIFT).astype(np.int64)
+    bi = (((words[:-1] * _BI_MUL + words[1:] + _BI_SALT) * _MIX) >> _SHIFT).astype(np.int64)
+    wt = tid[starts]
+    n_words = np.bincount(wt, minlength=m)
+    wstart = _exclusive_cumsum(n_words)
+
+    # Cues.
+    scale = np.where(n > 0, full / np.maximum(n, 1), 1.0)
+    hashes, groups, _ = _cue_tables()
+    pos = np.minimum(np.searchsorted(hashes, words), len(hashes) - 1)
+    hit = hashes[pos] == words
+    n_groups = len(CUE_WORDS)
+    group_counts = np.bincount(wt[hit] * n_groups + groups[pos[hit]], minlength=m * n_groups).reshape(
+        m, n_groups
+    )
+    qtype = np.zeros((m, len(QUESTION_WORDS) + 1))
+    has = (n_words > 0).nonzero()[0]
+    firsts = words[wstart[has]]
+    q_hashes, q_ids = _question_table()
+    q_pos = np.minimum(np.searchsorted(q_hashes, firsts), len(q_hashes) - 1)
+    qtype[has, np.where(q_hashes[q_pos] == firsts, q_ids[q_pos], len(QUESTION_WORDS))] = 1.0
+    run_starts = is_digit.copy()
+    run_starts[1:] &= ~is_digit[:-1]
+    n_numbers = np.bincount(tid[run_starts], minlength=m)
+    line_starts = (codes[:-1] == 10).nonzero()[0] + 1
+    line_starts = line_starts[valid[line_starts]]
+    lt = tid[line_starts]
+    heads = codes[line_starts]
+    after = codes[np.minimum(line_starts + 1, off[lt] + n[lt] - 1)]
+    listy = np.bincount(lt[(heads == 45) | (heads == 42) | (heads == 48)], minlength=m)
+    choice = np.bincount(lt[(heads >= 97) & (heads <= 101) & ((after == 41) | (after == 46))], minlength=m)
+    dense = np.empty((m, N_CUES))
+    dense[:, 0] = full
+    dense[:, 1] = n_words * scale
+    dense[:, 2] = cue_counts[:, 10] + 1
+    dense[:, 3] = n_numbers
+    dense[:, 4] = listy
+    dense[:, 5] = choice
+    dense[:, 6 : 6 + n_groups] = group_counts
+    at = 6 + n_groups
+    dense[:, at : at + len(CUE_CHARS)] = cue_counts[:, _CUE_CODES] * scale[:, None]
+    at += len(CUE_CHARS)
+    np.log1p(dense[:, :at], out=dense[:, :at])
+    dense[:, at:] = qtype
+
+    out: list[Features] = []
+    for i, (o, k, a, w) in enumerate(
+        zip(off.tolist(), n.tolist(), wstart.tolist(), n_words.tolist(), strict=True)
+    ):
+        out.append(
+            Features(
+                char_idx=char_rows[:, o : o + k].ravel(),
+                word_idx=np.concatenate((uni[a : a + w], bi[a : a + max(w - 1, 0)])),
+                cues=dense[i],
+            )
+        )
+    return out
 
 
 def document_frequency(feats: Sequence[Features]) -> npt.NDArray[np.int64]:
