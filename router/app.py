@@ -218,12 +218,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.gateway = Gateway(config, scorer, metrics)
-        _log_start(config)
-        # Everything built so far (classifier arrays, config, pools) lives as long as the
-        # process: out of the collector's sight, a full collection no longer walks it.
+        # Modules, config and the classifier's arrays live as long as the process: frozen out
+        # of the collector's sight, full collections no longer walk them. The gateway (pools,
+        # breakers) is built after, so one retired by a reload can still be collected.
         gc.collect()
         gc.freeze()
+        app.state.gateway = Gateway(config, scorer, metrics)
+        _log_start(config)
         app.state.ready_at = 0.0
         reloader = Reloader(app, config_path, metrics)
         app.state.reloader = reloader
