@@ -301,6 +301,42 @@ def _clip(text: str) -> str:
     return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
 
 
+def _char_grams(codes: U64, pw: U64) -> U64:
+    """Salted, mixed hashes of every character n-gram: row i for size CHAR_NGRAMS[i], column j
+    for the gram starting at j, with n-1 zeros padded after the end (so the last grams of a
+    text are marked as endings)."""
+    n = len(codes)
+    padded = np.zeros(n + max(CHAR_NGRAMS), dtype=np.uint64)
+    padded[:n] = codes
+    # Row k holds h_k[j] = sum_{i<=k} codes[j+i] * P**i; salting and mixing the kept rows at
+    # once saves a dozen small numpy calls per prompt on the hot path.
+    grams = np.empty((max(CHAR_NGRAMS), n), dtype=np.uint64)
+    grams[0] = codes
+    for k in range(1, max(CHAR_NGRAMS)):
+        np.multiply(padded[k : n + k], pw[k], out=grams[k])
+        grams[k] += grams[k - 1]
+    rows: U64 = grams[_CHAR_ROWS]
+    rows += _CHAR_SALT_COL
+    rows *= _MIX
+    rows >>= _SHIFT
+    return rows
+
+
+def _word_hashes(codes: U64, small: U64, pw: U64, pinv: U64) -> tuple[U64, I64]:
+    """Hashes and start positions of the maximal runs of word characters, via prefix sums
+    (a word's hash does not depend on where it starts: the sum is multiplied by P**-start)."""
+    n = len(codes)
+    is_word = np.zeros(n + 2, dtype=np.int8)
+    is_word[1:-1] = _WORD[small]
+    edges = is_word[1:] - is_word[:-1]
+    starts = (edges == 1).nonzero()[0]
+    ends = (edges == -1).nonzero()[0]
+    prefix = np.zeros(n + 1, dtype=np.uint64)
+    np.cumsum(codes * pw[:n], out=prefix[1:])
+    words: U64 = (prefix[ends] - prefix[starts]) * pinv[starts]
+    return words, starts
+
+
 def lowered(text: str) -> str:
     """The clipped, lower-cased text that n-grams are taken from (digits not yet folded)."""
     # Lower-casing can lengthen a text ("İ" becomes two code points): clip again after it.
@@ -321,30 +357,10 @@ def featurize(text: str) -> Features:
     # Character n-grams: h_n[i] = sum_k codes[i+k] * P**k, with n-1 zeros padded after the
     # end, so the last grams of a text are marked as endings.
     pw, pinv = _powers()
-    padded = np.zeros(n + max(CHAR_NGRAMS), dtype=np.uint64)
-    padded[:n] = codes
-    # Row k holds the (k+2)-gram hashes; salting and mixing all rows at once saves a dozen
-    # small numpy calls per prompt on the hot path.
-    grams = np.empty((max(CHAR_NGRAMS), n), dtype=np.uint64)
-    grams[0] = codes
-    for k in range(1, max(CHAR_NGRAMS)):
-        np.multiply(padded[k : n + k], pw[k], out=grams[k])
-        grams[k] += grams[k - 1]
-    rows = grams[_CHAR_ROWS]
-    rows += _CHAR_SALT_COL
-    rows *= _MIX
-    rows >>= _SHIFT
-    char_idx = rows.ravel().astype(np.int64)
+    char_idx = _char_grams(codes, pw).ravel().astype(np.int64)
 
     # Words: maximal runs of word characters, hashed through prefix sums.
-    is_word = np.zeros(n + 2, dtype=np.int8)
-    is_word[1:-1] = _WORD[small]
-    edges = is_word[1:] - is_word[:-1]
-    starts = (edges == 1).nonzero()[0]
-    ends = (edges == -1).nonzero()[0]
-    prefix = np.zeros(n + 1, dtype=np.uint64)
-    np.cumsum(codes * pw[:n], out=prefix[1:])
-    words = (prefix[ends] - prefix[starts]) * pinv[starts]
+    words, _ = _word_hashes(codes, small, pw, pinv)
     grams_w = np.empty(2 * len(words) - 1 if len(words) else 0, dtype=np.uint64)
     nw = len(words)
     if nw:
@@ -456,28 +472,10 @@ def featurize_many(texts: Sequence[str]) -> list[Features]:
 
     # Character n-grams, as in `featurize`, over the whole layout (each row one size).
     pw, pinv = _powers_upto(total)
-    padded = np.zeros(total + _GAP, dtype=np.uint64)
-    padded[:total] = codes
-    h = padded[:total].copy()
-    char_rows = np.empty((len(CHAR_NGRAMS), total), dtype=np.int64)
-    row = 0
-    for k in range(1, max(CHAR_NGRAMS)):
-        h += padded[k : total + k] * pw[k]
-        size = k + 1
-        if size in CHAR_NGRAMS:
-            salt = _CHAR_SALT[CHAR_NGRAMS.index(size)]
-            char_rows[row] = ((h + salt) * _MIX) >> _SHIFT
-            row += 1
+    char_rows = _char_grams(codes, pw).astype(np.int64)
 
     # Words.
-    is_word = np.zeros(total + 2, dtype=np.int8)
-    is_word[1:-1] = _WORD[small]
-    edges = is_word[1:] - is_word[:-1]
-    starts = (edges == 1).nonzero()[0]
-    ends = (edges == -1).nonzero()[0]
-    prefix = np.zeros(total + 1, dtype=np.uint64)
-    np.cumsum(codes * pw[:total], out=prefix[1:])
-    words = (prefix[ends] - prefix[starts]) * pinv[starts]
+    words, starts = _word_hashes(codes, small, pw, pinv)
     uni = (((words + _UNI_SALT) * _MIX) >> _SHIFT).astype(np.int64)
     bi = (((words[:-1] * _BI_MUL + words[1:] + _BI_SALT) * _MIX) >> _SHIFT).astype(np.int64)
     wt = tid[starts]
