@@ -6,7 +6,7 @@ import asyncio
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -36,25 +36,23 @@ async def _handle(mode: RawMode, reader: asyncio.StreamReader, writer: asyncio.S
     writer.close()
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
 @contextmanager
-def raw_upstream(mode: RawMode) -> Iterator[str]:
-    """Serve `mode` on a loopback port in a background thread; yield the base URL."""
+def tcp_server(handle: Handler) -> Iterator[str]:
+    """Run `handle` for each connection on a loopback port, in a background thread's event
+    loop; yield the base URL."""
     loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, asyncio.base_events.Server] = {}
-
-    async def start() -> None:
-        holder["server"] = await asyncio.start_server(lambda r, w: _handle(mode, r, w), "127.0.0.1", 0)
-        ready.set()
-
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop)
-    ready.wait(5)
-    server = holder["server"]
-    port = server.sockets[0].getsockname()[1]
+
+    async def start() -> asyncio.Server:
+        return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(5)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
 
         async def stop() -> None:
@@ -65,3 +63,10 @@ def raw_upstream(mode: RawMode) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@contextmanager
+def raw_upstream(mode: RawMode) -> Iterator[str]:
+    """Serve `mode` on a loopback port in a background thread; yield the base URL."""
+    with tcp_server(lambda r, w: _handle(mode, r, w)) as url:
+        yield url

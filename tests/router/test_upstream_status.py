@@ -9,7 +9,6 @@ an OpenAI error envelope, so upstream text (internal URLs, keys) never does.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 
 from router.errors import UpstreamStatus
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_config
+from tests.raw_upstream import tcp_server
 from tests.router.test_streaming import stream_events, text_of
 
 COMPLETION = orjson.dumps(
@@ -68,26 +68,8 @@ async def _handle(response: bytes, reader: asyncio.StreamReader, writer: asyncio
 @contextmanager
 def raw_reply(response: bytes) -> Iterator[str]:
     """Answer every request on a loopback port with exactly `response`; yield the base URL."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> asyncio.Server:
-        return await asyncio.start_server(lambda r, w: _handle(response, r, w), "127.0.0.1", 0)
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(5)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-
-        async def stop() -> None:
-            server.close()
-            await server.wait_closed()
-
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
+    with tcp_server(lambda r, w: _handle(response, r, w)) as url:
+        yield url
 
 
 def at(urls: dict[str, str], model: int, url: str) -> dict[str, Any]:
