@@ -21,6 +21,20 @@ def ask(gw: Gateway, headers: dict[str, str] | None = None, **extra: Any) -> htt
 LOOP = " ".join(["the cat sat on the mat"] * 12)
 
 
+# A structured-output request: an object with a `name` and an integer `age`.
+_NAME_AGE_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "p",
+        "schema": {
+            "type": "object",
+            "required": ["name", "age"],
+            "properties": {"age": {"type": "integer"}},
+        },
+    },
+}
+
+
 @pytest.mark.parametrize(
     ("setup", "extra", "reason"),
     [
@@ -31,19 +45,7 @@ LOOP = " ".join(["the cat sat on the mat"] * 12)
         ({"text": "{not json"}, {"response_format": {"type": "json_object"}}, "invalid_json"),
         (
             {"text": '{"name": "x"}'},
-            {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {
-                        "name": "p",
-                        "schema": {
-                            "type": "object",
-                            "required": ["name", "age"],
-                            "properties": {"age": {"type": "integer"}},
-                        },
-                    },
-                }
-            },
+            {"response_format": _NAME_AGE_FORMAT},
             "invalid_json",
         ),
         (
@@ -81,19 +83,7 @@ def test_failed_check_escalates_to_teacher(
     [
         (
             {"text": '{"name": "x", "age": 3}'},
-            {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {
-                        "name": "p",
-                        "schema": {
-                            "type": "object",
-                            "required": ["name", "age"],
-                            "properties": {"age": {"type": "integer"}},
-                        },
-                    },
-                }
-            },
+            {"response_format": _NAME_AGE_FORMAT},
         ),
         ({"text": '```json\n{"a": 1}\n```'}, {"response_format": {"type": "json_object"}}),
         (
