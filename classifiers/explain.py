@@ -23,9 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import joblib
 import numpy as np
 import numpy.typing as npt
 
@@ -38,7 +36,6 @@ __all__ = [
     "Explanation",
     "char_bucket",
     "char_ngrams",
-    "cue_mean_of",
     "cue_names",
     "explain",
     "format_explanation",
@@ -166,12 +163,6 @@ def cue_names() -> list[str]:
     return names
 
 
-def cue_mean_of(path: Path) -> F64:
-    """The training mean of the cues, from an artifact (the scorer folds it into its offset)."""
-    mean: F64 = np.asarray(joblib.load(path)["cue_mean"], np.float64)
-    return mean
-
-
 def _block(
     scorer: LearnedScorer, names: Sequence[str], idx: npt.NDArray[np.int64]
 ) -> tuple[Contribution, ...]:
@@ -197,7 +188,7 @@ def _ranked(items: Sequence[Contribution]) -> tuple[Contribution, ...]:
 def explain(scorer: LearnedScorer, text: str, top: int = 8, cue_mean: F64 | None = None) -> Explanation:
     """Split `scorer.decision(text)` into named contributions.
 
-    With `cue_mean` (see `cue_mean_of`), cues are measured from the training mean; without
+    With `cue_mean` (`LearnedScorer.cue_mean`), cues are measured from the training mean; without
     it, each cue's raw value * weight is shown and the offset is the scorer's own.
     """
     f = F.featurize(text)

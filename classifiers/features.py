@@ -295,7 +295,8 @@ def _cue_tables() -> tuple[U64, I64, dict[int, int]]:
     return hashes, groups, first
 
 
-def _clip(text: str) -> str:
+def clip(text: str) -> str:
+    """A long prompt's head and tail (the part n-grams and tokens are taken from)."""
     if len(text) <= HEAD_CHARS + TAIL_CHARS:
         return text
     return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
@@ -340,7 +341,7 @@ def _word_hashes(codes: U64, small: U64, pw: U64, pinv: U64) -> tuple[U64, I64]:
 def lowered(text: str) -> str:
     """The clipped, lower-cased text that n-grams are taken from (digits not yet folded)."""
     # Lower-casing can lengthen a text ("İ" becomes two code points): clip again after it.
-    return _clip(_clip(text).lower())
+    return clip(clip(text).lower())
 
 
 def featurize(text: str) -> Features:

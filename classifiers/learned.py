@@ -47,13 +47,13 @@ class LearnedScorer(TextScorer):
         # Per occurrence: weight * idf goes to the numerator, idf**2 to the block's norm.
         self._wi: npt.NDArray[np.float64] = np.asarray(artifact["ngram_weights"], np.float64) * idf
         self._idf2: npt.NDArray[np.float64] = idf * idf
+        # The cues' training mean, kept for explanations (scoring folds it into the offset).
+        self.cue_mean: npt.NDArray[np.float64] = np.asarray(artifact["cue_mean"], np.float64)
         cue_std = np.asarray(artifact["cue_std"], np.float64)
         cue_w = np.asarray(artifact["cue_weights"], np.float64)
         self._cue_w: npt.NDArray[np.float64] = cue_w / cue_std
         # Standardising the cues is folded into the weights and the intercept.
-        self._offset = float(artifact["intercept"]) - float(
-            np.dot(np.asarray(artifact["cue_mean"], np.float64), self._cue_w)
-        )
+        self._offset = float(artifact["intercept"]) - float(np.dot(self.cue_mean, self._cue_w))
         self._calib_a, self._calib_b = (float(v) for v in artifact["calibration"])
         self.semantic = TokenWeights(str(artifact["tokenizer_json"]), np.asarray(artifact["token_weights"]))
         self._semantic_offset = float(artifact["semantic_offset"])

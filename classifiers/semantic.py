@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from classifiers.features import HEAD_CHARS, TAIL_CHARS
+from classifiers.features import clip
 
 __all__ = ["TokenWeights", "bare_tokenizer", "clip", "encodable", "split_chunks"]
 
@@ -39,13 +39,6 @@ _HAS_DELETED = re.compile(f"[{DELETED_SPACES}]")
 # memory stays bounded whatever clients send (about 30 MB at the bound).
 CACHE_ENTRIES = 200_000
 CACHE_KEY_CHARS = 48
-
-
-def clip(text: str) -> str:
-    """Head and tail of a long prompt, as `classifiers.features` keeps: bounded tokenizer work."""
-    if len(text) <= HEAD_CHARS + TAIL_CHARS:
-        return text
-    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
 
 
 def encodable(text: str) -> str:

@@ -122,7 +122,7 @@ def _route(args: argparse.Namespace) -> int:
 
 def _explain(text: str, scorer: Scorer, config: Config, router: Router) -> None:
     """The policy's thresholds and, for a learned scorer, the features behind the score."""
-    from classifiers.explain import cue_mean_of, explain, format_explanation
+    from classifiers.explain import explain, format_explanation
     from classifiers.learned import LearnedScorer
 
     bounds = ", ".join(f"{m.name} below {router.controller.threshold(m.name):.3f}" for m in config.students)
@@ -130,11 +130,8 @@ def _explain(text: str, scorer: Scorer, config: Config, router: Router) -> None:
     if not isinstance(scorer, LearnedScorer):
         print(f"the {scorer.name} scorer has no feature breakdown")
         return
-    # Centring the cues on the training mean needs the artifact's means, which the scorer
-    # folds into its offset; `config.classifier.path` is set for every learned scorer.
-    assert config.classifier.path is not None
-    cue_mean = cue_mean_of(config.classifier.path)
-    print(format_explanation(explain(scorer, text, cue_mean=cue_mean)))
+    # Cues read as "compared with the average training prompt".
+    print(format_explanation(explain(scorer, text, cue_mean=scorer.cue_mean)))
 
 
 def build_parser() -> argparse.ArgumentParser:

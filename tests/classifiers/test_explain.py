@@ -16,7 +16,6 @@ from classifiers.explain import (
     GROUPS,
     char_bucket,
     char_ngrams,
-    cue_mean_of,
     explain,
     format_explanation,
     word_bucket,
@@ -52,7 +51,7 @@ def scorer() -> LearnedScorer:
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("text", TEXTS, ids=IDS)
 def test_parts_add_up_to_decision(scorer: LearnedScorer, text: str, centered: bool) -> None:
-    cue_mean = cue_mean_of(MODEL) if centered else None
+    cue_mean = scorer.cue_mean if centered else None
     e = explain(scorer, text, cue_mean=cue_mean)
     z = scorer.decision(text)
     assert abs(e.log_odds - z) < 1e-9
@@ -88,7 +87,7 @@ def test_named_ngrams_hash_to_featurize_buckets(scorer: LearnedScorer, text: str
 
 
 def test_proof_is_pushed_up_by_math(scorer: LearnedScorer) -> None:
-    e = explain(scorer, PROOF, cue_mean=cue_mean_of(MODEL))
+    e = explain(scorer, PROOF, cue_mean=scorer.cue_mean)
     assert e.probability > 0.5
     names = [name.lower() for group in GROUPS for name, _ in e.top_positive(group)]
     assert any(m in n for n in names for m in ("prov", "integr", "theorem", "math", "^"))
