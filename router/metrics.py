@@ -8,6 +8,7 @@ are created at start so dashboards show zeros instead of gaps.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
@@ -102,24 +103,31 @@ class Tally:
     sees every increment) and once a second in worker processes.
     """
 
-    __slots__ = ("counter", "pending")
+    __slots__ = ("counter", "flushed", "total")
+
+    # Flushes may come from another thread (a collector called off the event loop), so the
+    # request path only ever adds to `total` and a flush only moves `flushed`: an increment
+    # racing a flush is handed over at the next one instead of being lost.
+    _flush_lock = threading.Lock()
 
     def __init__(self, counter: Counter) -> None:
         self.counter = counter
-        self.pending = 0.0
+        self.total = 0.0
+        self.flushed = 0.0
 
     def inc(self, amount: float = 1.0) -> None:
         """Count `amount` (not negative)."""
         if amount < 0:
             raise ValueError("Counters can only be incremented by non-negative amounts.")
-        self.pending += amount
+        self.total += amount
 
     def flush(self) -> None:
         """Add what was counted since the last flush to the counter."""
-        pending = self.pending
-        if pending:
-            self.pending = 0.0
-            self.counter.inc(pending)
+        with self._flush_lock:
+            total = self.total
+            if total != self.flushed:
+                self.counter.inc(total - self.flushed)
+                self.flushed = total
 
 
 class CounterFamily:
