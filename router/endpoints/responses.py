@@ -1,0 +1,216 @@
+"""OpenAI Responses API (`POST /v1/responses`).
+
+Served natively by an upstream that speaks it (vLLM and llama-server do), or through
+chat completions by `ResponsesViaChat` (responses_chat.py). The gateway stores nothing,
+so the stateful parts of the API (`previous_response_id`, `store: true`, `background`,
+`conversation`) are refused with a 400 that says what to send instead.
+
+Request fields follow https://platform.openai.com/docs/api-reference/responses/create;
+stream events https://platform.openai.com/docs/api-reference/responses-streaming.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeGuard
+
+import orjson
+from pydantic import Field
+
+from router.accounting import Usage
+from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, parse_sse_data
+from router.endpoints.chat import chat_prompt
+from router.endpoints.responses_chat import ResponsesViaChat
+from router.errors import InvalidRequest
+from router.protocol import OpenAIBaseModel, TokenCount
+from router.quality import Answer, logprob_values
+
+__all__ = ["ResponsesFormat", "ResponsesRequest"]
+
+_FINAL = ("response.completed", "response.incomplete")
+_VIA_CHAT = ResponsesViaChat()
+
+
+class ResponsesRequest(OpenAIBaseModel):
+    """POST /v1/responses body: only the fields the gateway reads; the rest is forwarded."""
+
+    # Ordered by https://platform.openai.com/docs/api-reference/responses/create
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: TokenCount | None = None
+    model: str = Field(min_length=1)
+    previous_response_id: str | None = None
+    store: bool | None = None
+    stream: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    # As accounting reads chat usage: a bool is not a token count, and one past 2**53 is not real.
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
+
+
+def _usage(usage: Any) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("input_tokens")
+    completion = usage.get("output_tokens", 0)
+    if _count(prompt) and _count(completion):
+        return Usage(max(prompt, 0), max(completion, 0))
+    return None
+
+
+def _finish(response: Any, calls: bool) -> str:
+    """Chat's finish reason for a Response object: length, tool_calls or stop."""
+    if isinstance(response, dict) and response.get("status") == "incomplete":
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        if reason == "max_output_tokens":
+            return "length"
+        if reason == "content_filter":
+            return "content_filter"
+    return "tool_calls" if calls else "stop"
+
+
+class ResponsesFormat(WireFormat):
+    """`POST /v1/responses`."""
+
+    name = "responses"
+    path = "/v1/responses"
+    upstream_path = "/responses"
+    request_model = ResponsesRequest
+    via_chat = _VIA_CHAT
+
+    # --- requests -------------------------------------------------------------------------
+
+    def check(self, payload: dict[str, Any]) -> None:
+        if payload.get("previous_response_id") is not None:
+            raise InvalidRequest(
+                "Triage does not store responses, so `previous_response_id` cannot be used: "
+                "send the whole conversation in `input`.",
+                param="previous_response_id",
+            )
+        if payload.get("store") is True:
+            raise InvalidRequest(
+                "Triage does not store responses: send `store: false` or omit it.", param="store"
+            )
+        if payload.get("background") is True:
+            raise InvalidRequest(
+                "Background responses are not supported (Triage stores nothing to poll): "
+                "omit `background` or stream the response.",
+                param="background",
+            )
+        if payload.get("conversation") is not None:
+            raise InvalidRequest(
+                "Triage does not store conversations: send the whole conversation in `input`.",
+                param="conversation",
+            )
+
+    def prompt(self, payload: dict[str, Any]) -> Prompt:
+        prompt = chat_prompt(_VIA_CHAT.request(payload))
+        budget = payload.get("max_output_tokens")
+        prompt.budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else 0
+        return prompt
+
+    # --- answers --------------------------------------------------------------------------
+
+    def well_shaped(self, parsed: Any) -> bool:
+        if not isinstance(parsed, dict):
+            return False
+        output = parsed.get("output")
+        if not isinstance(output, list) or not all(isinstance(item, dict) for item in output):
+            return False
+        usage = parsed.get("usage")
+        return usage is None or isinstance(usage, dict)
+
+    def answer(self, parsed: Any) -> Answer:
+        output = parsed.get("output") if isinstance(parsed, dict) else None
+        texts: list[str] = []
+        logprobs: list[float] = []
+        calls: list[Any] = []
+        for item in output if isinstance(output, list) else ():
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "message" and isinstance(item.get("content"), list):
+                for part in item["content"]:
+                    if isinstance(part, dict) and part.get("type") == "output_text":
+                        if isinstance(part.get("text"), str):
+                            texts.append(part["text"])
+                        if isinstance(part.get("logprobs"), list):
+                            logprobs += logprob_values(part["logprobs"])
+            elif item.get("type") == "function_call":
+                calls.append({"function": {"name": item.get("name"), "arguments": item.get("arguments")}})
+        return Answer("".join(texts), _finish(parsed, bool(calls)), calls, logprobs)
+
+    def usage(self, parsed: Any) -> Usage | None:
+        return _usage(parsed.get("usage")) if isinstance(parsed, dict) else None
+
+    # --- streams --------------------------------------------------------------------------
+
+    def decode_event(self, event: bytes) -> Any:
+        data = parse_sse_data(event)
+        if data is None or data == b"[DONE]":
+            return None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise Malformed from None
+        if not isinstance(obj, dict):
+            raise Malformed
+        # An upstream's mid-stream error in chat's shape (`{"error": {...}}`) is still an error event.
+        if not isinstance(obj.get("type"), str) and not isinstance(obj.get("error"), dict):
+            raise Malformed
+        return obj
+
+    def ends(self, obj: Any, done: bool) -> bool:
+        # The final event carries the whole response; `[DONE]` is no part of this protocol.
+        return isinstance(obj, dict) and obj.get("type") in _FINAL
+
+    def stream_error(self, obj: Any) -> bool:
+        if not isinstance(obj, dict):
+            return False
+        return obj.get("type") in ("error", "response.failed") or isinstance(obj.get("error"), dict)
+
+    def event_usage(self, obj: Any, so_far: Usage | None) -> Usage | None:
+        if isinstance(obj, dict) and obj.get("type") in _FINAL:
+            response = obj.get("response")
+            found = _usage(response.get("usage")) if isinstance(response, dict) else None
+            if found is not None:
+                return found
+        return so_far
+
+    def feed(self, answer: StreamAnswer, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if kind == "response.output_text.delta":
+            answer.events += 1
+            if isinstance(obj.get("delta"), str):
+                answer.text.append(obj["delta"])
+            if isinstance(obj.get("logprobs"), list):
+                answer.logprobs += logprob_values(obj["logprobs"])
+        elif kind == "response.output_item.added":
+            item = obj.get("item")
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                answer.tool_delta(obj.get("output_index"), item.get("name"), item.get("arguments"))
+        elif kind == "response.function_call_arguments.delta":
+            answer.events += 1
+            answer.tool_delta(obj.get("output_index"), None, obj.get("delta"))
+        elif kind in _FINAL:
+            answer.finish_reason = _finish(obj.get("response"), bool(answer.tools))
+
+    # --- errors on this wire --------------------------------------------------------------
+
+    def error_event(self, message: str, type_: str) -> bytes:
+        # The Responses API's own error event, plus chat's `error` object: the official SDK
+        # raises `APIError` on a stream event whose data has a truthy `error`.
+        body = {
+            "type": "error",
+            "code": type_,
+            "message": message,
+            "param": None,
+            "sequence_number": 0,
+            "error": {"message": message, "type": type_, "param": None, "code": None},
+        }
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
