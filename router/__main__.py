@@ -17,7 +17,7 @@ from router.logs import configure as configure_logs
 
 if TYPE_CHECKING:
     from classifiers import Scorer
-    from router.routing import Router
+    from router.routing import ThresholdPolicy
 
 DEFAULT_CONFIG = Path("config.yaml")
 
@@ -108,19 +108,23 @@ def _route(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     from classifiers import load_scorer
-    from router.routing import Router
+    from router.policy import RequestContext
+    from router.routing import ThresholdPolicy
 
     scorer = load_scorer(config.classifier.kind, config.classifier.path)
-    router = Router(config)
+    router = ThresholdPolicy(config)
     score = scorer.score_text(args.text)
-    decision = router.decide(config.routing.alias, None, score, router.estimate_tokens(len(args.text)))
+    ctx = RequestContext(
+        "chat", config.routing.alias, None, score, router.estimate_tokens(len(args.text)), frozenset(), None
+    )
+    decision = router.decide(ctx)
     print(f"score {score:.3f} -> {decision.model.name} ({decision.reason})")
     if args.explain:
         _explain(args.text, scorer, config, router)
     return 0
 
 
-def _explain(text: str, scorer: Scorer, config: Config, router: Router) -> None:
+def _explain(text: str, scorer: Scorer, config: Config, router: ThresholdPolicy) -> None:
     """The policy's thresholds and, for a learned scorer, the features behind the score."""
     from classifiers.explain import explain, format_explanation
     from classifiers.learned import LearnedScorer

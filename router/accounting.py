@@ -60,6 +60,12 @@ class Accountant:
         }
         teacher = config.teacher.price
         self._teacher_price = (teacher.input_per_mtok / 1e6, teacher.output_per_mtok / 1e6)
+        # What a teacher-only deployment would have paid for a served answer: the teacher's
+        # price, except for embeddings, which it would have bought from the same model.
+        self._equivalent = {
+            m.name: self._prices[m.name] if m.role == "embedding" else self._teacher_price
+            for m in config.models
+        }
 
     def cost(self, model: str, usage: Usage) -> float:
         """USD for this usage at the model's prices."""
@@ -85,5 +91,6 @@ class Accountant:
         cost = self.cost(model, usage)
         m.cost.labels(model).inc(cost)
         if served:
-            m.teacher_cost.labels(model).inc(self.teacher_cost(usage))
+            pin, pout = self._equivalent[model]
+            m.teacher_cost.labels(model).inc(usage.prompt_tokens * pin + usage.completion_tokens * pout)
         return cost

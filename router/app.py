@@ -24,14 +24,14 @@ from classifiers import Scorer, load_scorer
 from router import __version__
 from router.auth import check_token
 from router.config import Config, config_hash, load_config
+from router.endpoints import BY_PATH, FORMATS, WireFormat
+from router.endpoints.messages import CountTokensRequest, MessagesFormat
 from router.errors import GatewayError, error_body
-from router.exchange import Endpoint
 from router.gateway import Gateway
 from router.logs import configure as configure_logs
 from router.logs import event
 from router.metrics import MULTIPROC_ENV, Metrics, exposition
-from router.protocol import ChatCompletionRequest, CompletionRequest
-from router.proxy import CLIENT_GONE, handle_completion
+from router.proxy import CLIENT_GONE, error_response, handle_completion, read_request
 from router.reload import Reloader, ReloadError
 from router.routing import REASONS
 from router.server import DISCONNECT_HOOK
@@ -75,6 +75,27 @@ _ERROR: dict[str, Any] = {
 }
 
 
+# The same for Anthropic's envelope, on the Messages endpoints.
+_ANTHROPIC_ERROR: dict[str, Any] = {
+    "description": "Anthropic error envelope",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["type", "error"],
+                "properties": {
+                    "type": {"type": "string", "enum": ["error"]},
+                    "error": {
+                        "type": "object",
+                        "required": ["type", "message"],
+                        "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                    },
+                },
+            }
+        }
+    },
+}
+
 _REF = "#/components/schemas/{model}"
 
 
@@ -105,26 +126,23 @@ def _with_components(app: FastAPI, models: tuple[type[Any], ...]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-_FAST_PATHS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-
-
 class TriageApp(FastAPI):
-    """FastAPI, with the two completion endpoints served without the middleware stack.
+    """FastAPI, with the model endpoints (`router.endpoints.BY_PATH`) served without the middleware stack.
 
     They are the hot path, and handle_completion already turns every expected failure
-    into an OpenAI error, so the generic layers (routing, dependency solving, exception
-    middleware) only cost time there: about a fifth of the gateway's CPU per request.
-    Everything else, and the OpenAPI description of these two, stays with FastAPI.
+    into an error in the client's format, so the generic layers (routing, dependency
+    solving, exception middleware) only cost time there: about a fifth of the gateway's
+    CPU per request. Everything else, and the OpenAPI description of these, stays with FastAPI.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = _FAST_PATHS.get(scope["path"])
-            if endpoint is not None:
+            fmt = BY_PATH.get(scope["path"])
+            if fmt is not None:
                 scope["app"] = self
                 watch = _DisconnectWatch(scope, receive)
                 try:
-                    response = await handle_completion(Request(scope, watch.receive), endpoint)
+                    response = await handle_completion(Request(scope, watch.receive), fmt)
                 except asyncio.CancelledError:
                     if not watch.fired:
                         raise
@@ -136,7 +154,7 @@ class TriageApp(FastAPI):
                     # Nothing has been sent yet: answer with the OpenAI envelope, not a bare 500.
                     log.exception("unhandled error on %s", scope["path"])
                     response = Response(
-                        error_body("The gateway hit an internal error.", "internal_error"),
+                        fmt.error_body(GatewayError("The gateway hit an internal error.")),
                         500,
                         media_type="application/json",
                     )
@@ -251,23 +269,16 @@ def create_app(
         redoc_url=None,
     )
 
-    @app.post(
-        "/v1/chat/completions",
-        openapi_extra=_body_schema(ChatCompletionRequest),
-        responses={"4XX": _ERROR, "5XX": _ERROR},
-        summary="Create a chat completion (routed)",
+    for fmt in FORMATS.values():
+        _add_model_route(app, fmt)
+    app.add_api_route(
+        "/v1/messages/count_tokens",
+        count_tokens,
+        methods=["POST"],
+        openapi_extra=_body_schema(CountTokensRequest),
+        responses={"4XX": _ANTHROPIC_ERROR, "5XX": _ANTHROPIC_ERROR},
+        summary="Estimate the input tokens of an Anthropic Messages request",
     )
-    async def chat_completions(request: Request) -> Response:
-        return await handle_completion(request, "chat")
-
-    @app.post(
-        "/v1/completions",
-        openapi_extra=_body_schema(CompletionRequest),
-        responses={"4XX": _ERROR, "5XX": _ERROR},
-        summary="Create a text completion (routed)",
-    )
-    async def completions(request: Request) -> Response:
-        return await handle_completion(request, "completions")
 
     @app.get(
         "/v1/models",
@@ -276,7 +287,7 @@ def create_app(
     )
     async def list_models(request: Request) -> JSONResponse:
         gw: Gateway = request.app.state.gateway
-        gw.auth.authenticate(request.headers.get("authorization"))
+        gw.auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         return JSONResponse(_models_body(gw.config))
 
     @app.get("/healthz", summary="Liveness: the process is up")
@@ -356,8 +367,54 @@ def create_app(
             media_type="application/json",
         )
 
-    _with_components(app, (ChatCompletionRequest, CompletionRequest))
+    _with_components(app, (*(f.request_model for f in FORMATS.values()), CountTokensRequest))
     return app
+
+
+def _add_model_route(app: FastAPI, fmt: WireFormat) -> None:
+    """Describe one model endpoint in the OpenAPI document (TriageApp serves it before routing)."""
+
+    async def endpoint(request: Request) -> Response:
+        return await handle_completion(request, fmt)
+
+    error = _ERROR if fmt.openai_errors else _ANTHROPIC_ERROR
+    app.add_api_route(
+        fmt.path,
+        endpoint,
+        methods=["POST"],
+        openapi_extra=_body_schema(fmt.request_model),
+        responses={"4XX": error, "5XX": error},
+        summary=_SUMMARIES[fmt.name],
+        name=f"create_{fmt.name}",
+    )
+
+
+_SUMMARIES: dict[str, str] = {
+    "chat": "Create a chat completion (routed)",
+    "completions": "Create a text completion (routed)",
+    "responses": "Create a model response, OpenAI Responses API (routed)",
+    "messages": "Create a message, Anthropic Messages API (routed)",
+    "embeddings": "Create embeddings (passed to the embedding model)",
+}
+
+
+class _CountTokens(MessagesFormat):
+    request_model = CountTokensRequest  # type: ignore[assignment]
+
+
+_COUNT_TOKENS = _CountTokens()
+
+
+async def count_tokens(request: Request) -> Response:
+    """POST /v1/messages/count_tokens: the gateway's own estimate (the one routing uses);
+    no upstream is asked."""
+    gw: Gateway = request.app.state.gateway
+    try:
+        _, payload = await read_request(request, _COUNT_TOKENS, gw)
+        prompt = _COUNT_TOKENS.prompt(payload)
+    except GatewayError as exc:
+        return error_response(exc, _COUNT_TOKENS, {})
+    return JSONResponse({"input_tokens": gw.policy.estimate_tokens(prompt.chars, prompt.images)})
 
 
 def _log_start(config: Config) -> None:

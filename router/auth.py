@@ -142,13 +142,17 @@ class Authenticator:
         """Every key name (for pre-created metric labels)."""
         return sorted(self._states)
 
-    def authenticate(self, authorization: str | None) -> KeyState | None:
-        """The caller's key state; None when auth is off; AuthError when the key is bad."""
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> KeyState | None:
+        """The caller's key state; None when auth is off; AuthError when the key is bad.
+
+        The key comes as `Authorization: Bearer <key>` (OpenAI's clients) or as
+        `x-api-key: <key>` (Anthropic's); either works on every endpoint.
+        """
         if not self.enabled:
             return None
-        key = _bearer(authorization)
-        if key is None:
-            raise AuthError("Missing API key: send `Authorization: Bearer <key>`.")
+        key = _bearer(authorization) or (api_key.strip() if api_key else None)
+        if not key:
+            raise AuthError("Missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`.")
         name = self._keys.get(_digest(key))
         if name is None:
             raise AuthError("Incorrect API key provided.")

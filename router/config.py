@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,7 +27,12 @@ from pydantic import (
 )
 
 __all__ = [
+    "API_NAMES",
+    "CAPABILITIES",
     "AdminConfig",
+    "ApiName",
+    "Capabilities",
+    "Capability",
     "AuthConfig",
     "CascadeConfig",
     "ClassifierConfig",
@@ -46,6 +52,19 @@ __all__ = [
 # A model name is what clients send as `model` and what metrics label by, so it
 # is kept to a safe, bounded alphabet.
 ModelName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.:/-]*$")]
+
+# The wire formats the gateway speaks (one module each under `router/endpoints/`), which
+# are also what a model's `api` lists, and the capabilities a request may need.
+ApiName = Literal["chat", "completions", "responses", "messages", "embeddings"]
+API_NAMES: tuple[ApiName, ...] = ("chat", "completions", "responses", "messages", "embeddings")
+Capability = Literal["vision", "tools", "json_schema"]
+CAPABILITIES: tuple[Capability, ...] = ("vision", "tools", "json_schema")
+# Shorthands for `api:` (a model may also list the formats it speaks).
+API_SHORTHANDS: dict[str, tuple[ApiName, ...]] = {
+    "openai": ("chat", "completions", "embeddings"),
+    "anthropic": ("messages",),
+    "vllm": API_NAMES,
+}
 
 
 class _Strict(BaseModel):
@@ -165,11 +184,27 @@ class ServeConfig(_Strict):
     memory: str = Field("32Gi", description="Kubernetes memory request.")
 
 
+class Capabilities(_Strict):
+    """What a model can take; routing never sends a student a request it cannot serve."""
+
+    vision: bool = Field(False, description="Accepts image inputs.")
+    tools: bool = Field(True, description="Accepts tool (function) definitions and calls them.")
+    json_schema: bool = Field(True, description="Honours `response_format: json_schema`.")
+
+
 class ModelConfig(_Strict):
-    """One routable model: a student or the teacher, served by one or more endpoints."""
+    """One model: a student or the teacher (routed), or an embedding model, on one or more endpoints."""
 
     name: ModelName
-    role: Literal["student", "teacher"]
+    role: Literal["student", "teacher", "embedding"]
+    api: list[ApiName] | None = Field(
+        None,
+        description="Wire formats the model's server speaks natively: a list of "
+        f"{', '.join(API_NAMES)}, or one of {', '.join(API_SHORTHANDS)}. Requests in a format it does "
+        "not speak are translated to chat completions. Default: chat and completions "
+        "(embeddings for an embedding model).",
+    )
+    capabilities: Capabilities = Capabilities()
     endpoints: list[HttpUrl] = Field(min_length=1)
     upstream_model: str = Field(min_length=1)
     max_score: float | None = Field(None, gt=0, le=1)
@@ -196,16 +231,38 @@ class ModelConfig(_Strict):
     checks: QualityChecks = QualityChecks()
     serve: ServeConfig | None = None
 
+    @field_validator("api", mode="before")
+    @classmethod
+    def _api_shorthand(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value in API_SHORTHANDS:
+                return list(API_SHORTHANDS[value])
+            return [value]
+        return value
+
+    @cached_property
+    def apis(self) -> frozenset[ApiName]:
+        """The wire formats this model speaks natively."""
+        if self.api is not None:
+            return frozenset(self.api)
+        return frozenset(("embeddings",) if self.role == "embedding" else ("chat", "completions"))
+
     @model_validator(mode="after")
     def _max_score_for_students_only(self) -> ModelConfig:
         if self.role == "student" and self.max_score is None:
             raise ValueError(
                 f"model {self.name!r}: a student needs max_score (take requests scoring below it)"
             )
-        if self.role == "teacher" and self.max_score is not None:
+        if self.role != "student" and self.max_score is not None:
             raise ValueError(
-                f"model {self.name!r}: max_score applies to students only; remove it from the teacher"
+                f"model {self.name!r}: max_score applies to students only; remove it from the {self.role}"
             )
+        if self.role == "teacher" and "chat" not in self.apis:
+            # Every format can be translated to chat completions, none from it: a teacher
+            # without chat could not take the requests every student falls back with.
+            raise ValueError(f"model {self.name!r}: the teacher's api must include chat")
+        if self.role == "embedding" and "embeddings" not in self.apis:
+            raise ValueError(f"model {self.name!r}: an embedding model's api must include embeddings")
         return self
 
 
@@ -278,6 +335,16 @@ class RoutingConfig(_Strict):
     retry_budget_burst: int = Field(20, ge=0, description="Retries allowed in a burst.")
     chars_per_token: float = Field(
         4.0, gt=0, description="Prompt-size estimate used for context-window checks."
+    )
+    image_tokens: int = Field(
+        1000,
+        ge=0,
+        description="Tokens one image input counts as in the prompt-size estimate (its bytes never count).",
+    )
+    policy: Literal["threshold"] = Field(
+        "threshold",
+        description="The routing policy (router/policy.py registry): `threshold` sends a request to the "
+        "first student whose max_score is above its score and that can take it, else the teacher.",
     )
     cascade: CascadeConfig = CascadeConfig()
     target_student_share: float | None = Field(

@@ -5,24 +5,25 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from router.accounting import Usage
 from router.auth import KeyState
 from router.config import ModelConfig
+from router.endpoints import FORMATS, Prompt, WireFormat
+from router.endpoints.base import Translation
 from router.errors import GatewayError
 from router.gateway import Gateway
 from router.logs import ACCESS, UPSTREAM, event
 from router.routing import Decision
 
-__all__ = ["Endpoint", "Exchange", "QualityFailure"]
+__all__ = ["Exchange", "Leg", "QualityFailure"]
 
-Endpoint = Literal["chat", "completions"]
 # Most tokens one request's prompt (or an unbounded completion) can plausibly use.
 MAX_PLAUSIBLE_TOKENS = 1 << 21
-PATHS: dict[Endpoint, str] = {"chat": "/chat/completions", "completions": "/completions"}
+_CHAT = FORMATS["chat"]
 
 
 class QualityFailure(GatewayError):
@@ -33,19 +34,27 @@ class QualityFailure(GatewayError):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """How one model is asked: in the client's format, or in chat completions and translated back."""
+
+    wire: WireFormat  # the format the upstream answers in
+    translation: Translation | None  # None: the client's own format, passed through
+
+
 @dataclass(slots=True)
 class Exchange:
     """Per-request facts shared by the attempt loop, the stream pump and the response."""
 
     gateway: Gateway
-    endpoint: Endpoint
+    fmt: WireFormat  # the client's wire format
     request_id: str
     started: float
     payload: dict[str, Any]
+    prompt: Prompt
     decision: Decision
     stream: bool
     client_wants_usage: bool
-    prompt_chars: int
     quality_on: bool
     fallback_on: bool
     escalation_budget_usd: float | None
@@ -57,11 +66,15 @@ class Exchange:
     attempted: list[str] = field(default_factory=list)
     # The streaming response once one is built (it tells whether its pump started).
     response: Any = None
+    # The request as chat completions, for models that do not speak the client's format.
+    _as_chat: dict[str, Any] | None = None
 
-    @property
-    def path(self) -> str:
-        """Upstream path below the endpoint's base URL."""
-        return PATHS[self.endpoint]
+    def leg(self, model: ModelConfig) -> Leg:
+        """How `model` is asked for this request."""
+        fmt = self.fmt
+        if fmt.name in model.apis or fmt.via_chat is None:
+            return Leg(fmt, None)
+        return Leg(_CHAT, fmt.via_chat)
 
     def headers(self, model: ModelConfig | None, reason: str) -> dict[str, str]:
         """The x-triage-* response headers.
@@ -85,29 +98,28 @@ class Exchange:
         """Whether this model's answer is checked before it is served."""
         return self.quality_on and model.role == "student"
 
-    def body_for(self, model: ModelConfig) -> bytes:
+    def upstream_payload(self, leg: Leg) -> dict[str, Any]:
+        """The request in the leg's wire format, before model-specific fields."""
+        if leg.translation is None:
+            return self.payload
+        if self._as_chat is None:
+            self._as_chat = leg.translation.request(self.payload)
+        return self._as_chat
+
+    def body_for(self, model: ModelConfig, leg: Leg) -> bytes:
         """The upstream request body for one model."""
-        payload = dict(self.payload)
-        payload["model"] = model.upstream_model
-        if self.stream:
-            # Always ask for usage so tokens and cost are exact; the extra
-            # chunk is removed again when the client did not ask for it.
-            options = dict(payload.get("stream_options") or {})
-            options["include_usage"] = True
-            payload["stream_options"] = options
-        self.strip_logprobs = False
-        if (
+        logprobs = (
             self.checks_apply(model)
             and model.checks.min_mean_logprob is not None
-            and not payload.get("logprobs")
-        ):
-            payload["logprobs"] = True if self.endpoint == "chat" else 1
-            self.strip_logprobs = True
-        return orjson.dumps(payload)
+            and leg.wire.name in ("chat", "completions")
+        )
+        payload = self.upstream_payload(leg)
+        self.strip_logprobs = logprobs and not payload.get("logprobs")
+        return orjson.dumps(leg.wire.upstream_payload(payload, model.upstream_model, logprobs))
 
     def estimate(self, completion_tokens: int) -> Usage:
         """Usage estimated from the prompt size when the upstream reported none."""
-        prompt = self.gateway.router.estimate_tokens(self.prompt_chars)
+        prompt = self.gateway.policy.estimate_tokens(self.prompt.chars, self.prompt.images)
         return Usage(prompt, completion_tokens, estimated=True)
 
     def may_escalate(self, student_usage: Usage) -> bool:
@@ -116,8 +128,8 @@ class Exchange:
             return False
         if self.escalation_budget_usd is None:
             return True
-        budget = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens")
-        completion = budget if isinstance(budget, int) else student_usage.completion_tokens
+        budget = self.prompt.budget
+        completion = budget if budget > 0 else student_usage.completion_tokens
         prompt = max(student_usage.prompt_tokens, self.estimate(0).prompt_tokens)
         teacher = self.gateway.accountant.teacher_cost(Usage(prompt, completion))
         return teacher <= self.escalation_budget_usd
@@ -130,9 +142,9 @@ class Exchange:
         bound one hostile or broken answer claiming 2**53 tokens would add billions of
         dollars to the cost metrics and lock its key out of its budget until a restart.
         """
-        budget = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens")
+        budget = self.prompt.budget
         n = self.payload.get("n")
-        per_choice = budget if isinstance(budget, int) and budget > 0 else MAX_PLAUSIBLE_TOKENS
+        per_choice = budget if budget > 0 else MAX_PLAUSIBLE_TOKENS
         completion_cap = per_choice * (n if isinstance(n, int) and n > 0 else 1)
         if usage.prompt_tokens <= MAX_PLAUSIBLE_TOKENS and usage.completion_tokens <= completion_cap:
             return usage
@@ -200,7 +212,7 @@ class Exchange:
                 "request",
                 request_id=self.request_id,
                 key=None if self.key is None else self.key.name,
-                endpoint=self.endpoint,
+                endpoint=self.fmt.name,
                 requested=self.payload.get("model"),
                 model=model if answered else None,
                 attempted=",".join(self.attempted) or None,

@@ -1,4 +1,4 @@
-"""The gateway's shared state: config, scorer, router, upstream pools, metrics; built once at start."""
+"""The gateway's shared state: config, scorer, policy, upstream pools, metrics; built once at start."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from router.config import Config
 from router.errors import Overloaded
 from router.logs import UPSTREAM, event
 from router.metrics import Level, Metrics
+from router.policy import RoutingPolicy, load_policy
 from router.quality import compile_refusals
 from router.retry_budget import RetryBudget
-from router.routing import Router
 from router.shadow import Shadow
 from router.upstream import ModelPool
 
@@ -38,7 +38,6 @@ class Gateway:
         self._max_inflight = config.server.max_inflight_requests
         self.scorer = scorer
         self.metrics = metrics
-        self.router = Router(config)
         self.accountant = Accountant(config, metrics)
         routing = config.routing
         self.pools = {
@@ -75,6 +74,7 @@ class Gateway:
         )
         target = config.routing.target_student_share
         metrics.student_share_target.set(target if target is not None else math.nan)
+        self.policy: RoutingPolicy = load_policy(config, self.publish_thresholds)
         self.publish_thresholds()
 
     def enter(self) -> None:
@@ -117,10 +117,9 @@ class Gateway:
 
     def publish_thresholds(self) -> None:
         """Export the share controller's current thresholds and observed share."""
-        controller = self.router.controller
-        for name, value in controller.thresholds().items():
+        for name, value in self.policy.thresholds().items():
             self.metrics.score_threshold.labels(name).set(value)
-        self.metrics.student_share.set(controller.observed_share)
+        self.metrics.student_share.set(self.policy.observed_share)
 
     async def aclose(self) -> None:
         """Stop shadow work and close every upstream client."""

@@ -63,6 +63,8 @@ FALLBACK_REASONS = (
     "tool_call",
     "low_confidence",
     "repetition",
+    "context_length",
+    "unsupported_input",
 )
 UPSTREAM_ERROR_TYPES = ("unavailable", "timeout", "status", "truncated", "too_large", "redirect")
 POOL_STATES = ("in_use", "waiting")

@@ -1,10 +1,13 @@
-"""The completion endpoints: validate, score, route, forward with retry and teacher fallback.
+"""The model endpoints, whatever their wire format: validate, score, route, forward with retry
+and teacher fallback. What a format looks like is asked of its `WireFormat` (`router/endpoints/`).
 
 Failure rules:
 - Before any byte reaches the client, a connect error, timeout, 5xx or 429 is
   retried on another endpoint of the same model, then the request falls back
   to the teacher (reason `fallback`).
-- Upstream 4xx other than 429 is the client's problem: passed through as is.
+- Upstream 4xx other than 429 is the client's problem: passed through as is, except a
+  student's 400 that says the input does not fit it (context too long, images or tools
+  unsupported: `router.quality.INPUT_REJECTIONS`), which falls back to the teacher.
 - Once a stream has started, the model never changes; an upstream failure or a
   stream that ends without `[DONE]` ends the client's stream with an
   OpenAI-shaped error event, so a truncated answer is never mistaken for a whole one.
@@ -17,18 +20,16 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from classifiers import prompt_text
-from router.accounting import usage_from_body
 from router.auth import retry_after_header
 from router.config import ModelConfig
+from router.endpoints import WireFormat
 from router.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -42,22 +43,18 @@ from router.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from router.exchange import Endpoint, Exchange, QualityFailure
+from router.exchange import Exchange, QualityFailure
 from router.gateway import Gateway
 from router.logs import ACCESS, UPSTREAM, event
-from router.protocol import ChatCompletionRequest, CompletionRequest, answer_well_shaped
-from router.quality import answer_from_body, check_answer
+from router.policy import RequestContext
+from router.quality import check_answer, input_rejection
 from router.streaming import GatewayStream, stream_attempt
 from router.upstream import ModelPool, UpstreamReply
 
-__all__ = ["handle_completion"]
+__all__ = ["error_response", "handle_completion", "read_request"]
 
-_MODELS: dict[Endpoint, type[BaseModel]] = {
-    "chat": ChatCompletionRequest,
-    "completions": CompletionRequest,
-}
 _REQUEST_ID_MAX = 128
-_WHOLE_NUMBERS = ("max_tokens", "max_completion_tokens", "n")
+_WHOLE_NUMBERS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n")
 # The encoder that re-serialises a body for the upstream stops at this depth; deeper
 # bodies are refused up front. Only a body with more brackets can nest that deep.
 _ENCODER_MAX_DEPTH = 254
@@ -116,7 +113,7 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
-def _parse(body: bytes, endpoint: Endpoint, max_containers: int) -> dict[str, Any]:
+def _parse(body: bytes, fmt: WireFormat, max_containers: int) -> dict[str, Any]:
     # Parsing costs time and memory per object and array (a 4 MiB body of `[]`s takes
     # seconds and ~100 MiB); counting their opening brackets first is cheap and exact
     # enough (brackets inside strings count too).
@@ -139,32 +136,22 @@ def _parse(body: bytes, endpoint: Endpoint, max_containers: int) -> dict[str, An
             raise InvalidRequest(
                 f"The request body nests JSON deeper than {_ENCODER_MAX_DEPTH} levels."
             ) from None
-    messages = payload.get("messages")
-    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
-        raise InvalidRequest(f"A conversation may have at most {MAX_MESSAGES} messages.", param="messages")
+    for key in ("messages", "input"):
+        turns = payload.get(key)
+        if isinstance(turns, list) and len(turns) > MAX_MESSAGES:
+            raise InvalidRequest(f"A conversation may have at most {MAX_MESSAGES} messages.", param=key)
     try:
-        request = _MODELS[endpoint].model_validate(payload)
+        request = fmt.request_model.model_validate(payload)
     except ValidationError as exc:
         raise _validation_error(exc) from None
     for key in _WHOLE_NUMBERS:
         # 16.0 is accepted as 16; forward and count with the integer.
         if isinstance(payload.get(key), float):
-            payload[key] = getattr(request, key)
+            value = getattr(request, key, None)
+            if isinstance(value, int):
+                payload[key] = value
+    fmt.check(payload)
     return payload
-
-
-def _prompt(payload: Mapping[str, Any], endpoint: Endpoint) -> tuple[str, int]:
-    """(text to score, characters the upstream will read)."""
-    if endpoint == "chat":
-        messages = payload["messages"]
-        chars = 0
-        for m in messages:
-            c = m.get("content")
-            chars += len(c) if isinstance(c, str) else len(orjson.dumps(c)) if c else 0
-        return prompt_text(messages), chars
-    prompt = payload["prompt"]
-    text = prompt if isinstance(prompt, str) else "\n".join(prompt)
-    return text, len(text)
 
 
 def _request_id(request: Request) -> str:
@@ -190,15 +177,15 @@ def _budget_header(request: Request) -> float | None:
     return value
 
 
-async def handle_completion(request: Request, endpoint: Endpoint) -> Response:
-    """Serve POST /v1/chat/completions or /v1/completions."""
+async def handle_completion(request: Request, fmt: WireFormat) -> Response:
+    """Serve one model request in the client's wire format (chat, Responses, Messages, …)."""
     gw: Gateway = request.app.state.gateway
     # Held before the first await, so a reload cannot retire this gateway (and close its
     # upstream clients) while the request is still reading its body.
     gw.enter()
     response: Response | None = None
     try:
-        response = await _handle(request, endpoint, gw)
+        response = await _handle(request, fmt, gw)
         return response
     except asyncio.CancelledError:
         if request.scope.get(CLIENT_GONE):
@@ -219,8 +206,7 @@ def _client_gone(ex: Exchange | None) -> None:
 
 def _rejected(
     gw: Gateway,
-    request: Request,
-    endpoint: Endpoint,
+    fmt: WireFormat,
     request_id: str,
     exc: GatewayError,
     key: str | None,
@@ -234,70 +220,80 @@ def _rejected(
             "rejected",
             request_id=request_id,
             key=key,
-            endpoint=endpoint,
+            endpoint=fmt.name,
             status=exc.status_code,
             error=code,
         )
 
 
-async def _handle(request: Request, endpoint: Endpoint, gw: Gateway) -> Response:
+async def read_request(request: Request, fmt: WireFormat, gw: Gateway) -> tuple[Any, dict[str, Any]]:
+    """Authenticate, admit against the key's limits, read and validate the body.
+
+    Returns (the caller's key state or None, the payload). Raises GatewayError.
+    """
+    key = gw.auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    if key is not None:
+        try:
+            key.admit()
+        except RateLimited as exc:
+            gw.metrics.rate_limited.labels(key.name, str(exc.code)).inc()
+            raise
+    config = gw.config
+    body = await _read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
+    return key, _parse(body, fmt, config.server.max_json_containers)
+
+
+async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
     started = time.perf_counter()
     request_id = _request_id(request)
     config = gw.config
     key = None
     try:
-        key = gw.auth.authenticate(request.headers.get("authorization"))
-        if key is not None:
-            try:
-                key.admit()
-            except RateLimited as exc:
-                gw.metrics.rate_limited.labels(key.name, str(exc.code)).inc()
-                raise
-        body = await _read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
-        payload = _parse(body, endpoint, config.server.max_json_containers)
+        key, payload = await read_request(request, fmt, gw)
         gw.admit()
         request.scope[_ADMITTED] = True
-        text, chars = _prompt(payload, endpoint)
+        prompt = fmt.prompt(payload)
         requested: str = payload["model"]
         override = request.headers.get("x-triage-route")
+        policy = gw.policy
         score = None
-        if gw.router.needs_score(requested, override):
+        if fmt.scored and policy.needs_score(requested, override, fmt.name):
             t = time.perf_counter()
-            score = gw.scorer.score_text(text)
+            score = gw.scorer.score_text(prompt.text)
             gw.metrics.classifier_duration.observe(time.perf_counter() - t)
             gw.metrics.score.observe(score)
-        budget = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
-        decision = gw.router.decide(
-            requested,
-            override,
-            score,
-            gw.router.estimate_tokens(chars) + budget,
-            None if key is None else key.name,
+        decision = policy.decide(
+            RequestContext(
+                fmt.name,
+                requested,
+                override,
+                score,
+                policy.estimate_tokens(prompt.chars, prompt.images) + prompt.budget,
+                prompt.needs,
+                None if key is None else key.name,
+            )
         )
         budget_usd = _budget_header(request)
     except GatewayError as exc:
-        _rejected(gw, request, endpoint, request_id, exc, None if key is None else key.name)
+        _rejected(gw, fmt, request_id, exc, None if key is None else key.name)
         headers = {"x-request-id": request_id}
         if isinstance(exc, RateLimited):
             headers.update(retry_after_header(exc.retry_after_s))
-        return _error_response(exc, headers)
+        return error_response(exc, fmt, headers)
     gw.metrics.routing_decisions.labels(decision.model.name, decision.reason).inc()
-    if score is not None and gw.router.controller.observe(score, decision.model.role == "student"):
-        gw.publish_thresholds()
     opted_out = request.headers.get("x-triage-fallback", "").lower() == "off"
-    stream = payload.get("stream") is True
-    options = payload.get("stream_options")
+    stream = fmt.wants_stream(payload)
     cascade = config.routing.cascade
     ex = Exchange(
         gateway=gw,
-        endpoint=endpoint,
+        fmt=fmt,
         request_id=request_id,
         started=started,
         payload=payload,
+        prompt=prompt,
         decision=decision,
         stream=stream,
-        client_wants_usage=stream and isinstance(options, dict) and options.get("include_usage") is True,
-        prompt_chars=chars,
+        client_wants_usage=stream and fmt.wants_usage_event(payload),
         quality_on=cascade.enabled and not opted_out,
         fallback_on=config.routing.fallback_to_teacher and not opted_out,
         escalation_budget_usd=budget_usd if budget_usd is not None else cascade.max_escalation_usd,
@@ -321,7 +317,7 @@ async def _serve(ex: Exchange) -> Response:
             f"the request did not complete within {gw.config.routing.request_deadline_s:g} s"
         )
         ex.finish(model.name, ex.decision.reason, exc.status_code, answered=False, note="deadline")
-        return _error_response(exc, ex.headers(None, ex.decision.reason))
+        return error_response(exc, ex.fmt, ex.headers(None, ex.decision.reason))
 
 
 def _retry_after_s(exc: UpstreamStatus) -> float | None:
@@ -337,13 +333,13 @@ async def _attempts(ex: Exchange) -> Response:
     """Try the chosen model (with retries), then the teacher; answer with the first success."""
     gw = ex.gateway
     plan = [ex.decision.model]
-    if ex.fallback_on and ex.decision.model.role != "teacher":
+    if ex.fallback_on and ex.decision.model.role == "student":
         plan.append(gw.teacher)
     last: GatewayError | None = None
     made = 0  # attempts sent upstream so far
     for step, model in enumerate(plan):
         reason = ex.decision.reason if step == 0 else "fallback"
-        if step > 0 and isinstance(last, UpstreamError):
+        if step > 0 and isinstance(last, UpstreamError) and ex.fallback_reason is None:
             fb = "timeout" if isinstance(last, UpstreamTimeout) else "upstream_error"
             gw.metrics.fallbacks.labels(plan[0].name, fb).inc()
             ex.fallback_reason = fb
@@ -397,14 +393,22 @@ async def _attempts(ex: Exchange) -> Response:
                 # reason to send the request to another model.
                 ex.attempted.pop()
                 ex.finish(model.name, reason, exc.status_code, answered=False, note="pool_timeout")
-                return _error_response(exc, ex.headers(None, reason))
+                return error_response(exc, ex.fmt, ex.headers(None, reason))
             except UpstreamError as exc:
                 gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
                 verdict = True
                 if isinstance(exc, UpstreamStatus) and not exc.retryable:
-                    pool.mark_ok(idx)  # the client's error, passed on as it is
-                    ex.finish(model.name, reason, exc.status_code)
-                    return _error_response(exc, ex.headers(model, reason))
+                    pool.mark_ok(idx)
+                    rejected = input_rejection(exc.status_code, exc.content) if step + 1 < len(plan) else None
+                    if rejected is None:
+                        # the client's error, passed on as it is
+                        ex.finish(model.name, reason, exc.status_code)
+                        return error_response(exc, ex.fmt, ex.headers(model, reason))
+                    # The student cannot take this input (too long, images, tools): the teacher may.
+                    gw.metrics.fallbacks.labels(model.name, rejected).inc()
+                    ex.fallback_reason = rejected
+                    last = exc
+                    break
                 retry_after = _retry_after_s(exc) if isinstance(exc, UpstreamStatus) else None
                 pool.mark_failed(idx, retry_after if exc.status_code == 429 else None)
                 last = exc
@@ -431,14 +435,18 @@ def _give_up(ex: Exchange, plan: list[ModelConfig], last: GatewayError) -> Respo
     # Only a model whose own error status is passed on is named as having answered.
     answered = isinstance(last, UpstreamStatus) and ex.attempted[-1:] == [final.name]
     ex.finish(final.name, reason, last.status_code, answered=answered, note=last.message)
-    return _error_response(last, ex.headers(final if answered else None, reason))
+    return error_response(last, ex.fmt, ex.headers(final if answered else None, reason))
 
 
 async def _json_attempt(ex: Exchange, pool: ModelPool, idx: int, model: ModelConfig, reason: str) -> Response:
     gw = ex.gateway
+    leg = ex.leg(model)
+    wire = leg.wire
     t = time.perf_counter()
     try:
-        reply: UpstreamReply = await pool.post(idx, ex.path, ex.body_for(model), ex.request_id)
+        reply: UpstreamReply = await pool.post(
+            idx, wire.upstream_path, ex.body_for(model, leg), ex.request_id
+        )
     finally:
         elapsed = time.perf_counter() - t
         ex.upstream_s += elapsed
@@ -447,24 +455,24 @@ async def _json_attempt(ex: Exchange, pool: ModelPool, idx: int, model: ModelCon
         parsed = orjson.loads(reply.content)
     except orjson.JSONDecodeError:
         parsed = None
-    if not answer_well_shaped(parsed, ex.endpoint == "chat"):
-        # A 200 whose body is not a completion would reach the client as a
+    if not wire.well_shaped(parsed):
+        # A 200 whose body is not an answer would reach the client as a
         # corrupt answer; treat it as a failed attempt instead.
         raise UpstreamUnavailable(f"model {model.name!r} returned a malformed answer")
-    answer = answer_from_body(parsed)
-    usage = usage_from_body(parsed) or ex.estimate((len(answer.text) + 3) // 4)
+    answer = wire.answer(parsed)
+    usage = wire.usage(parsed) or ex.estimate((len(answer.text) + 3) // 4)
     content = reply.content
     if ex.checks_apply(model):
-        failed = check_answer(answer, model.checks, ex.payload, gw.refusals[model.name])
+        failed = check_answer(answer, model.checks, ex.prompt, gw.refusals[model.name])
         if failed is not None and ex.may_escalate(usage):
             raise ex.fail_quality(model, failed, usage)
         if ex.strip_logprobs:
-            for choice in parsed["choices"]:
-                if isinstance(choice, dict):
-                    choice.pop("logprobs", None)
+            wire.strip_logprobs(parsed)
             content = orjson.dumps(parsed)
         if gw.shadow.sample():
-            gw.shadow.start(model, ex.path, ex.payload, answer.text, ex.request_id)
+            gw.shadow.start(model, wire, ex.upstream_payload(leg), answer.text, ex.request_id)
+    if leg.translation is not None:
+        content = orjson.dumps(leg.translation.response(parsed, ex.payload, model.upstream_model))
     ex.record(model.name, usage, served=True)
     ex.finish(model.name, reason, reply.status_code)
     headers = ex.headers(model, reason)
@@ -472,9 +480,10 @@ async def _json_attempt(ex: Exchange, pool: ModelPool, idx: int, model: ModelCon
     return Response(content, reply.status_code, headers, media_type="application/json")
 
 
-def _error_response(exc: GatewayError, headers: dict[str, str]) -> Response:
+def error_response(exc: GatewayError, fmt: WireFormat, headers: dict[str, str]) -> Response:
+    """The one place a gateway error becomes a response: in the client's format's envelope."""
     if isinstance(exc, UpstreamStatus) and exc.retry_after:
         headers = {**headers, "retry-after": exc.retry_after}
     elif isinstance(exc, Overloaded):
         headers = {**headers, **retry_after_header(exc.retry_after_s)}
-    return Response(exc.body(), exc.status_code, headers, media_type="application/json")
+    return Response(fmt.error_body(exc), exc.status_code, headers, media_type="application/json")

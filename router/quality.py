@@ -11,13 +11,21 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from router.config import QualityChecks
 
-__all__ = ["Answer", "answer_from_body", "check_answer", "wants_json"]
+__all__ = [
+    "Expected",
+    "Answer",
+    "answer_from_body",
+    "check_answer",
+    "input_rejection",
+    "logprob_values",
+    "wants_json",
+]
 
 # Compiled once: refusals and "I don't know" openings seen from small chat models.
 DEFAULT_REFUSALS = (
@@ -70,10 +78,17 @@ def _logprobs(obj: Any) -> list[float]:
         return []
     content = obj.get("content")
     if isinstance(content, list):  # chat
-        values = [t.get("logprob") for t in content if isinstance(t, dict)]
-    else:
-        tokens = obj.get("token_logprobs")  # legacy completions
-        values = tokens if isinstance(tokens, list) else []
+        return logprob_values(content)
+    tokens = obj.get("token_logprobs")  # legacy completions
+    return _numbers(tokens) if isinstance(tokens, list) else []
+
+
+def logprob_values(tokens: list[Any]) -> list[float]:
+    """The `logprob` of each token object in a list (chat's `logprobs.content`)."""
+    return _numbers([t.get("logprob") for t in tokens if isinstance(t, dict)])
+
+
+def _numbers(values: list[Any]) -> list[float]:
     # (a bool is not a logprob; an int past float range would overflow the mean)
     return [
         float(v) for v in values if isinstance(v, float | int) and not isinstance(v, bool) and abs(v) < 1e300
@@ -166,8 +181,15 @@ def _repeats(text: str, ngram: int, max_ratio: float) -> bool:
     return 1 - unique / len(grams) > max_ratio
 
 
+class Expected(Protocol):
+    """What the request asked of the answer's form (`router.endpoints.Prompt` is one)."""
+
+    json_wanted: bool
+    json_schema: Mapping[str, Any] | None
+
+
 def check_answer(
-    answer: Answer, checks: QualityChecks, payload: Mapping[str, Any], refusals: re.Pattern[str]
+    answer: Answer, checks: QualityChecks, expected: Expected, refusals: re.Pattern[str]
 ) -> str | None:
     """The first failed check's reason, or None when the answer looks acceptable."""
     text = answer.text
@@ -187,12 +209,10 @@ def check_answer(
         return "length"
     if checks.refusal and stripped and refusals.search(stripped[:400]):
         return "refusal"
-    if checks.json_format and answer.complete:
-        asked, schema = wants_json(payload)
-        if asked:
-            reason = _json_reason(stripped, schema)
-            if reason:
-                return reason
+    if checks.json_format and answer.complete and expected.json_wanted:
+        reason = _json_reason(stripped, expected.json_schema)
+        if reason:
+            return reason
     if checks.min_mean_logprob is not None and answer.logprobs:
         mean = sum(answer.logprobs) / len(answer.logprobs)
         if mean < checks.min_mean_logprob:
@@ -208,3 +228,36 @@ def compile_refusals(checks: QualityChecks) -> re.Pattern[str]:
     """One regex for the configured refusal patterns (or the defaults)."""
     patterns = checks.refusal_patterns or list(DEFAULT_REFUSALS)
     return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE | re.MULTILINE)
+
+
+# A student's own 400 (or 413/422) that says the request does not fit it is not the
+# client's fault: the teacher may well take it. Matched against the error body's text,
+# case-insensitively; these are the phrasings vLLM, llama.cpp, OpenAI and Anthropic use.
+# Anything else stays the client's error and is passed on.
+INPUT_REJECTIONS: tuple[tuple[str, str], ...] = (
+    (
+        "context_length",
+        r"context[ _-]?(?:length|window|size)|maximum context|max_model_len|too many tokens"
+        r"|prompt is too long|input is too long|exceeds? the (?:model'?s? )?(?:limit|maximum)"
+        r"|longer than the model|n_ctx",
+    ),
+    (
+        "unsupported_input",
+        r"image input|images? (?:are|is) not supported|not a multimodal|multimodal|vision"
+        r"|modality|does not support (?:images?|tools?|tool calls|function calling)"
+        r"|tool choice requires|enable-auto-tool-choice|tools? (?:are|is) not supported",
+    ),
+)
+_REJECTIONS = tuple((reason, re.compile(p, re.IGNORECASE)) for reason, p in INPUT_REJECTIONS)
+_REJECTABLE = (400, 413, 422)
+
+
+def input_rejection(status: int, content: bytes) -> str | None:
+    """The fallback reason when an upstream's error says the input does not fit the model."""
+    if status not in _REJECTABLE:
+        return None
+    text = content[:4096].decode("utf-8", "replace")
+    for reason, pattern in _REJECTIONS:
+        if pattern.search(text):
+            return reason
+    return None

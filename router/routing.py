@@ -1,4 +1,4 @@
-"""The routing policy: from the requested `model`, an override header and a score to a model.
+"""The threshold routing policy: from the requested `model`, an override header and a score to a model.
 
 The scorer only scores (`classifiers/`); this module only decides.
 """
@@ -6,17 +6,29 @@ The scorer only scores (`classifiers/`); this module only decides.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from router.config import Config, ModelConfig
+from router.config import ApiName, Capability, Config, ModelConfig
 from router.controller import ShareController
-from router.errors import ModelNotAllowed, ModelNotFound
+from router.errors import InvalidRequest, ModelNotAllowed, ModelNotFound
 
-__all__ = ["Decision", "Reason", "Router"]
+if TYPE_CHECKING:
+    from router.policy import RequestContext
 
-Reason = Literal["classifier", "pinned", "override", "context", "fallback"]
-REASONS: tuple[Reason, ...] = ("classifier", "pinned", "override", "context", "fallback")
+__all__ = ["REASONS", "Decision", "Reason", "ThresholdPolicy"]
+
+Reason = Literal["classifier", "pinned", "override", "context", "capability", "unscored", "fallback"]
+REASONS: tuple[Reason, ...] = (
+    "classifier",
+    "pinned",
+    "override",
+    "context",
+    "capability",
+    "unscored",
+    "fallback",
+)
 
 
 def _clip(name: str) -> str:
@@ -33,31 +45,60 @@ class Decision:
     score: float | None
 
 
-class Router:
-    """Applies the configured policy; holds no per-request state."""
+class ThresholdPolicy:
+    """The built-in policy: the first student below its score threshold that can take the request.
 
-    def __init__(self, config: Config) -> None:
+    A student is skipped when the request's estimated size exceeds its `context_window`
+    (reason `context`), or when the request needs what it cannot do: images, tools, a JSON
+    schema, or a wire format it neither speaks nor can be translated to (reason
+    `capability`). Holds no per-request state; the share controller learns from every
+    scored decision.
+    """
+
+    def __init__(self, config: Config, on_change: Callable[[], None] | None = None) -> None:
         self.config = config
         self._by_name = {m.name: m for m in config.models}
         self._students = config.students
         self._teacher = config.teacher
+        self._unscored = [m for m in config.models if m.role == "embedding"] + [
+            m for m in config.models if m.role != "embedding"
+        ]
         self._chars_per_token = config.routing.chars_per_token
+        self._image_tokens = config.routing.image_tokens
         listed = config.routing.pinnable_models
         self._pinnable: frozenset[str] | None = None if listed is None else frozenset(listed)
         self._pinnable_by_key = {k: frozenset(v) for k, v in config.auth.pinning.items()}
         self.controller = ShareController(
             config.routing, {m.name: m.max_score for m in self._students if m.max_score is not None}
         )
+        self._on_change = on_change
 
-    def estimate_tokens(self, chars: int) -> int:
-        """Prompt-size estimate from characters (no tokenizer on the hot path)."""
-        return math.ceil(chars / self._chars_per_token)
+    def estimate_tokens(self, chars: int, images: int = 0) -> int:
+        """Prompt-size estimate from characters and images (no tokenizer on the hot path)."""
+        return math.ceil(chars / self._chars_per_token) + images * self._image_tokens
 
-    def needs_score(self, requested: str, override: str | None) -> bool:
+    def needs_score(self, requested: str, override: str | None, api: ApiName = "chat") -> bool:
         """Whether the decision depends on the classifier."""
+        if api == "embeddings":
+            return False
         if override is not None and self.config.routing.allow_override_header:
             return False
         return requested == self.config.routing.alias
+
+    def thresholds(self) -> dict[str, float]:
+        """Each student's effective max_score now."""
+        return self.controller.thresholds()
+
+    @property
+    def observed_share(self) -> float:
+        """The share of scored requests recently sent to students."""
+        return self.controller.observed_share
+
+    @staticmethod
+    def serves(model: ModelConfig, api: ApiName) -> bool:
+        """Whether the model answers this wire format, natively or translated to chat."""
+        apis = model.apis
+        return api in apis or (api != "embeddings" and model.role != "embedding" and "chat" in apis)
 
     def _check_pin(self, model: ModelConfig, key_name: str | None, param: str) -> None:
         allowed = self._pinnable_by_key.get(key_name, self._pinnable) if key_name else self._pinnable
@@ -68,49 +109,61 @@ class Router:
                 param=param,
             )
 
-    def decide(
-        self,
-        requested: str,
-        override: str | None,
-        score: float | None,
-        needed_tokens: int,
-        key_name: str | None = None,
-    ) -> Decision:
+    def _named(self, name: str, ctx: RequestContext, param: str, header: bool) -> ModelConfig:
+        model = self._by_name.get(name)
+        if model is None:
+            where = "named by the x-triage-route header " if header else ""
+            hint = (
+                ""
+                if header
+                else (f" Use `{self.config.routing.alias}` or one of the models listed at /v1/models.")
+            )
+            raise ModelNotFound(f"The model `{_clip(name)}` {where}does not exist.{hint}", param=param)
+        self._check_pin(model, ctx.key_name, param)
+        if not self.serves(model, ctx.api):
+            raise InvalidRequest(f"The model `{model.name}` does not serve the {ctx.api} API.", param=param)
+        return model
+
+    def decide(self, ctx: RequestContext) -> Decision:
         """Pick the model for one request.
 
-        `needed_tokens` is the estimated prompt size plus the completion budget the
-        client asked for; a student whose `context_window` is smaller is skipped.
         Naming a model directly (pin or override header) is subject to
-        `routing.pinnable_models` and the caller's `auth.pinning` entry.
+        `routing.pinnable_models` and the caller's `auth.pinning` entry, and skips the
+        capability checks: the client chose.
         """
-        if override is not None and self.config.routing.allow_override_header:
-            model = self._by_name.get(override)
-            if model is None:
-                raise ModelNotFound(
-                    f"The model `{_clip(override)}` named by the x-triage-route header does not exist.",
-                    param="x-triage-route",
-                )
-            self._check_pin(model, key_name, "x-triage-route")
-            return Decision(model, "override", score)
-        if requested != self.config.routing.alias:
-            model = self._by_name.get(requested)
-            if model is None:
-                raise ModelNotFound(
-                    f"The model `{_clip(requested)}` does not exist. Use `{self.config.routing.alias}` "
-                    "or one of the models listed at /v1/models.",
-                    param="model",
-                )
-            self._check_pin(model, key_name, "model")
-            return Decision(model, "pinned", score)
+        if ctx.override is not None and self.config.routing.allow_override_header:
+            return Decision(self._named(ctx.override, ctx, "x-triage-route", True), "override", ctx.score)
+        if ctx.requested != self.config.routing.alias:
+            return Decision(self._named(ctx.requested, ctx, "model", False), "pinned", ctx.score)
+        if ctx.api == "embeddings":
+            for model in self._unscored:
+                if self.serves(model, ctx.api):
+                    return Decision(model, "unscored", None)
+            raise ModelNotFound("No configured model serves embeddings.", param="model")
+        score = ctx.score
         assert score is not None, "auto routing needs a score"
-        skipped = False
+        decision = self._by_score(ctx, score)
+        if self.controller.observe(score, decision.model.role == "student") and self._on_change is not None:
+            self._on_change()
+        return decision
+
+    def _by_score(self, ctx: RequestContext, score: float) -> Decision:
+        skipped: Reason | None = None
         threshold = self.controller.threshold
         for student in self._students:
             if score >= threshold(student.name):
                 continue
-            window = student.context_window
-            if window is not None and needed_tokens > window:
-                skipped = True
+            if ctx.needs and not _can(student, ctx.needs) or not self.serves(student, ctx.api):
+                skipped = "capability"
                 continue
-            return Decision(student, "context" if skipped else "classifier", score)
-        return Decision(self._teacher, "context" if skipped else "classifier", score)
+            window = student.context_window
+            if window is not None and ctx.needed_tokens > window:
+                skipped = skipped or "context"
+                continue
+            return Decision(student, skipped or "classifier", score)
+        return Decision(self._teacher, skipped or "classifier", score)
+
+
+def _can(model: ModelConfig, needs: frozenset[Capability]) -> bool:
+    caps = model.capabilities
+    return all(getattr(caps, need) for need in needs)

@@ -17,11 +17,11 @@ from typing import Any
 
 import orjson
 
-from router.accounting import Accountant, usage_from_body
+from router.accounting import Accountant
 from router.config import ModelConfig
+from router.endpoints.base import WireFormat
 from router.errors import Overloaded, UpstreamError, UpstreamStatus
 from router.metrics import Metrics
-from router.quality import answer_from_body
 from router.upstream import ModelPool
 
 __all__ = ["Shadow", "agreement"]
@@ -90,18 +90,22 @@ class Shadow:
     def start(
         self,
         student: ModelConfig,
-        path: str,
+        wire: WireFormat,
         payload: dict[str, Any],
         student_text: str,
         request_id: str,
     ) -> bool:
-        """Start a shadow comparison of a sampled answer if a slot is free."""
-        if self._running >= self._max:
+        """Start a shadow comparison of a sampled answer if a slot is free.
+
+        `payload` is the request as the student got it, in `wire`'s format; a teacher that
+        does not speak that format natively is not asked (the sample is skipped).
+        """
+        if self._running >= self._max or wire.name not in self._pool.model.apis:
             self._metrics.shadow_requests.labels(student.name, "skipped").inc()
             return False
         self._running += 1
         task = asyncio.get_running_loop().create_task(
-            self._run(student, path, payload, student_text, request_id)
+            self._run(student, wire, payload, student_text, request_id)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -110,26 +114,25 @@ class Shadow:
     async def _run(
         self,
         student: ModelConfig,
-        path: str,
+        wire: WireFormat,
         payload: dict[str, Any],
         student_text: str,
         request_id: str,
     ) -> None:
         try:
-            await self._compare(student, path, payload, student_text, request_id)
+            await self._compare(student, wire, payload, student_text, request_id)
         finally:
             self._running -= 1
 
     async def _compare(
         self,
         student: ModelConfig,
-        path: str,
+        wire: WireFormat,
         payload: dict[str, Any],
         student_text: str,
         request_id: str,
     ) -> None:
-        body = dict(payload)
-        body["model"] = self._pool.model.upstream_model
+        body = wire.upstream_payload(payload, self._pool.model.upstream_model, False)
         body.pop("stream", None)
         body.pop("stream_options", None)
         idx = self._pool.pick(set())
@@ -139,7 +142,9 @@ class Shadow:
         verdict = False
         try:
             # Never queue behind client requests for a teacher connection: skip instead.
-            reply = await self._pool.post(idx, path, orjson.dumps(body), request_id + "-shadow", wait=False)
+            reply = await self._pool.post(
+                idx, wire.upstream_path, orjson.dumps(body), request_id + "-shadow", wait=False
+            )
             self._pool.mark_ok(idx)
             verdict = True
             parsed = orjson.loads(reply.content)
@@ -160,13 +165,13 @@ class Shadow:
         finally:
             if not verdict:
                 self._pool.release(idx)  # the breaker claim ends without a verdict
-        if not isinstance(parsed, dict):
+        if not wire.well_shaped(parsed):
             self._metrics.shadow_requests.labels(student.name, "error").inc()
             return
-        usage = usage_from_body(parsed)
+        usage = wire.usage(parsed)
         if usage is not None:
             self._metrics.shadow_cost.labels(student.name).inc(self._accountant.teacher_cost(usage))
-        score = agreement(student_text, answer_from_body(parsed).text)
+        score = agreement(student_text, wire.answer(parsed).text)
         self._metrics.shadow_agreement.labels(student.name).observe(score)
         self._metrics.shadow_requests.labels(student.name, "compared").inc()
 

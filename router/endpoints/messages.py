@@ -20,7 +20,7 @@ import orjson
 from pydantic import Field
 
 from router.accounting import Usage
-from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, parse_sse_data
+from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, event_json
 from router.endpoints.chat import IMAGE_TOKENS, chat_prompt
 from router.endpoints.messages_chat import MessagesViaChat
 from router.errors import GatewayError, UpstreamStatus
@@ -228,13 +228,9 @@ class MessagesFormat(WireFormat):
 
         Raises Malformed unless the data is a JSON object with a string `type`.
         """
-        data = parse_sse_data(event)
-        if data is None:
+        obj = event_json(event)
+        if obj is None:
             return None
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise Malformed from None
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             raise Malformed
         return obj

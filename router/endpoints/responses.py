@@ -17,7 +17,7 @@ import orjson
 from pydantic import Field
 
 from router.accounting import Usage
-from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, parse_sse_data
+from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, event_json
 from router.endpoints.chat import chat_prompt
 from router.endpoints.responses_chat import ResponsesViaChat
 from router.errors import InvalidRequest
@@ -149,13 +149,9 @@ class ResponsesFormat(WireFormat):
     # --- streams --------------------------------------------------------------------------
 
     def decode_event(self, event: bytes) -> Any:
-        data = parse_sse_data(event)
-        if data is None or data == b"[DONE]":
+        obj = event_json(event)
+        if obj is None:
             return None
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise Malformed from None
         if not isinstance(obj, dict):
             raise Malformed
         # An upstream's mid-stream error in chat's shape (`{"error": {...}}`) is still an error event.

@@ -25,7 +25,7 @@ def test_every_error_listed_with_its_path() -> None:
     assert "server.port  Input should be less than or equal to 65535" in message
     assert "models.0.endpoints.0  Input should be a valid URL" in message
     assert "models.0.connect_timeout_s  Input should be greater than 0" in message
-    assert "models.1.role  Input should be 'student' or 'teacher'" in message
+    assert "models.1.role  Input should be 'student', 'teacher' or 'embedding'" in message
     assert "routing.colour  Extra inputs are not permitted" in message
 
 

@@ -885,7 +885,6 @@ def test_stream_error_and_upstream_payload() -> None:
 @pytest.mark.parametrize(
     "event",
     [
-        b"data: [DONE]\n\n",
         b"data: {not json\n\n",
         b"data: []\n\n",
         b'data: {"type": 5}\n\n',

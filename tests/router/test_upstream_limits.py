@@ -29,11 +29,12 @@ from starlette.routing import Route
 
 from router.accounting import usage_from_body
 from router.config import QualityChecks
+from router.endpoints import FORMATS, Prompt
+from router.endpoints.base import Malformed, StreamAnswer
 from router.errors import UpstreamUnavailable
 from router.protocol import chunk_well_shaped as _well_shaped
 from router.quality import answer_from_body, check_answer, compile_refusals
 from router.sse import MAX_EVENT_BYTES, SSEStream
-from router.streaming import _decode, _Held, _Malformed, _without_logprobs
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_config
 from tests.loopback import serve, triage_process
 from tests.router.test_streaming import stream_events, text_of
@@ -557,7 +558,7 @@ def test_well_shaped_chunks_pass() -> None:
         b'[{"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}]}}]}\n\n',
         b'data: {"error": {"message": "overloaded"}}\n\n',
     ):
-        assert isinstance(_decode(raw), dict), raw
+        assert isinstance(_CHAT.decode_event(raw), dict), raw
 
 
 # --- robustness to any JSON ----------------------------------------------------------------------
@@ -596,33 +597,35 @@ _JSON = st.recursive(
     max_leaves=25,
 )
 _REFUSALS = compile_refusals(QualityChecks())
+_CHAT = FORMATS["chat"]
+_ANY = Prompt("", 0)
 
 
 @settings(max_examples=600, deadline=None)
 @given(_JSON, _JSON)
 def test_any_json_is_handled_without_crashing(first: Any, second: Any) -> None:
-    held = _Held()
+    held = StreamAnswer()
     for value in (first, second):
-        held.feed(value)
+        _CHAT.feed(held, value)
         usage_from_body(value)
         answer = answer_from_body(value)
-        check_answer(answer, QualityChecks(), {}, _REFUSALS)
+        check_answer(answer, QualityChecks(), _ANY, _REFUSALS)
         try:
-            obj = _decode(b"data: " + orjson.dumps(value) + b"\n\n")
-        except _Malformed:
+            obj = _CHAT.decode_event(b"data: " + orjson.dumps(value) + b"\n\n")
+        except Malformed:
             assert not _well_shaped(value)
             continue
         if isinstance(obj, dict) and "error" not in obj:
-            _without_logprobs(obj)
+            _CHAT.strip_logprobs(obj)
     for complete in (False, True):
-        check_answer(held.answer(complete), QualityChecks(), {}, _REFUSALS)
+        check_answer(held.answer(complete), QualityChecks(), _ANY, _REFUSALS)
 
 
 def test_hostile_shapes_that_used_to_raise() -> None:
-    held = _Held()
-    held.feed({"choices": 5})
-    held.feed({"choices": [{"delta": {"tool_calls": [{"index": "a", "function": {"name": 5}}]}}]})
-    held.feed({"choices": [{"finish_reason": ["x"], "logprobs": {"content": [{"logprob": 10**400}]}}]})
+    held = StreamAnswer()
+    _CHAT.feed(held, {"choices": 5})
+    _CHAT.feed(held, {"choices": [{"delta": {"tool_calls": [{"index": "a", "function": {"name": 5}}]}}]})
+    _CHAT.feed(held, {"choices": [{"finish_reason": ["x"], "logprobs": {"content": [{"logprob": 10**400}]}}]})
     assert held.answer(True).finish_reason is None
     assert answer_from_body({"choices": {"0": 1}}).text == ""
     assert answer_from_body([1]).text == ""

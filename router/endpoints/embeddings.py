@@ -1,0 +1,82 @@
+"""OpenAI embeddings (`POST /v1/embeddings`): passed through to an embedding model, never scored.
+
+The answer is metered like any other (prompt tokens and cost), and an embedding
+model's counterfactual is itself: there is no teacher for embeddings to save against.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from router.accounting import Usage, usage_from_body
+from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat
+from router.protocol import OpenAIBaseModel
+from router.quality import Answer
+
+__all__ = ["EmbeddingRequest", "EmbeddingsFormat"]
+
+# Inputs one request may carry, as OpenAI's own limit.
+MAX_INPUTS = 2048
+
+
+class EmbeddingRequest(OpenAIBaseModel):
+    """POST /v1/embeddings body (https://platform.openai.com/docs/api-reference/embeddings/create)."""
+
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_INPUTS)]
+    )
+    model: str = Field(min_length=1)
+    encoding_format: str | None = None
+    dimensions: int | None = Field(None, ge=1)
+
+
+def _chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        # Token ids: four characters a token keeps the estimate in the units of the rest.
+        return sum(_chars(v) if isinstance(v, str | list) else 4 for v in value)
+    return 0
+
+
+class EmbeddingsFormat(WireFormat):
+    """`POST /v1/embeddings`."""
+
+    name = "embeddings"
+    path = "/v1/embeddings"
+    upstream_path = "/embeddings"
+    request_model = EmbeddingRequest
+    scored = False
+
+    def prompt(self, payload: dict[str, Any]) -> Prompt:
+        return Prompt(text="", chars=_chars(payload["input"]))
+
+    def wants_stream(self, payload: Any) -> bool:
+        return False
+
+    def well_shaped(self, parsed: Any) -> bool:
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("data"), list):
+            return False
+        usage = parsed.get("usage")
+        return usage is None or isinstance(usage, dict)
+
+    def answer(self, parsed: Any) -> Answer:
+        return Answer()
+
+    def usage(self, parsed: Any) -> Usage | None:
+        if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
+            usage = dict(parsed["usage"])
+            usage.setdefault("completion_tokens", 0)
+            return usage_from_body({"usage": usage})
+        return None
+
+    def decode_event(self, event: bytes) -> Any:
+        raise Malformed  # embeddings never stream
+
+    def feed(self, answer: StreamAnswer, obj: Any) -> None:
+        return None
