@@ -77,8 +77,8 @@ class GatewayStream(StreamingResponse):
                 await self.close_upstream()
 
 
-# An event as received and the JSON it carries (None for `[DONE]`).
-_Event = tuple[bytes, Any]
+# An event as received, the JSON it carries (None for `[DONE]`), and whether it ends the stream.
+_Event = tuple[bytes, Any, bool]
 
 
 class _Upstream:
@@ -111,9 +111,8 @@ class _Upstream:
             except Malformed:
                 raise UpstreamUnavailable(f"model {model.name!r} sent a malformed stream event") from None
             if obj is not None or stream.done:
-                if self.wire.ends(obj, stream.done):
-                    self.ended = True
-                return raw, obj
+                last = self.ended = self.wire.ends(obj, stream.done)
+                return raw, obj, last
             if time.monotonic() > deadline:
                 raise UpstreamTimeout(
                     f"model {model.name!r} sent no data for {model.read_timeout_s:g} s (keep-alives only)"
@@ -184,7 +183,7 @@ async def _hold_back(ex: Exchange, upstream: _Upstream, held: list[_Event]) -> N
     if failed is None:
         return
     usage = ex.estimate(answer.events)
-    for _, obj in held:
+    for _, obj, _ in held:
         if obj is not None:
             usage = wire.event_usage(obj, usage) or usage
     if ex.may_escalate(usage):
@@ -216,7 +215,7 @@ async def _pump(
         pending = iter(held)
         item: _Event | None = next(pending)
         while item is not None:
-            raw, obj = item
+            raw, obj, last = item
             if obj is not None and wire.stream_error(obj):
                 status = 502
                 gw.metrics.upstream_errors.labels(model.name, "status").inc()
@@ -241,7 +240,7 @@ async def _pump(
                         out.append(b"data: " + orjson.dumps(obj) + b"\n\n")
                     else:
                         out.append(raw)
-            if upstream.ended:
+            if last:
                 if translator is not None:
                     out.append(translator.end(usage))
                 elif obj is None:

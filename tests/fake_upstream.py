@@ -126,6 +126,23 @@ def make_fake(state: FakeState) -> Starlette:
             answer["usage"] = usage
         return JSONResponse(answer)
 
+    async def embeddings(request: Request) -> Response:
+        body = await request.json()
+        state.requests.append(body)
+        state.headers.append(dict(request.headers))
+        if state.mode == "status":
+            return JSONResponse(
+                {"error": {"message": f"{state.name} failed", "type": "server_error"}}, state.status
+            )
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.25, -0.5, float(i)]}
+            for i in range(len(inputs))
+        ]
+        tokens = sum(len(str(x).split()) for x in inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"object": "list", "data": data, "model": body.get("model"), "usage": usage})
+
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": state.name, "object": "model"}]})
 
@@ -133,6 +150,7 @@ def make_fake(state: FakeState) -> Starlette:
         routes=[
             Route("/v1/chat/completions", completion, methods=["POST"]),
             Route("/v1/completions", completion, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models),
         ]
     )
@@ -171,6 +189,19 @@ async def _stream(
     if state.mode == "stream_error":
         yield b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
         return
+    if state.tool_calls is not None and chat:
+        for i, call in enumerate(state.tool_calls):
+            fn = call["function"]
+            head = {"index": i, "id": call.get("id"), "type": "function", "function": {"name": fn["name"]}}
+            yield _delta(body, {"tool_calls": [head]})
+            args = fn["arguments"]
+            for part in (args[: len(args) // 2], args[len(args) // 2 :]):
+                yield _delta(body, {"tool_calls": [{"index": i, "function": {"arguments": part}}]})
+        yield _chunk(body, chat, None, "tool_calls")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield _usage_chunk(body, usage)
+        yield b"data: [DONE]\n\n"
+        return
     words = _words(state)
     for i, word in enumerate(words):
         if state.mode == "cut_stream" and i == len(words) // 2:
@@ -187,13 +218,28 @@ async def _stream(
         return
     options = body.get("stream_options") or {}
     if options.get("include_usage") and state.mode != "no_usage":
-        final: dict[str, Any] = {
-            "id": "chunk-fake",
-            "object": "chat.completion.chunk",
-            "created": 1700000000,
-            "model": body.get("model"),
-            "choices": [],
-            "usage": usage,
-        }
-        yield b"data: " + orjson.dumps(final) + b"\n\n"
+        yield _usage_chunk(body, usage)
     yield b"data: [DONE]\n\n"
+
+
+def _usage_chunk(body: dict[str, Any], usage: dict[str, int]) -> bytes:
+    final: dict[str, Any] = {
+        "id": "chunk-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": body.get("model"),
+        "choices": [],
+        "usage": usage,
+    }
+    return b"data: " + orjson.dumps(final) + b"\n\n"
+
+
+def _delta(body: dict[str, Any], delta: dict[str, Any]) -> bytes:
+    data = {
+        "id": "chunk-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": body.get("model"),
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+    }
+    return b"data: " + orjson.dumps(data) + b"\n\n"
