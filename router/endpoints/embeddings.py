@@ -20,15 +20,19 @@ __all__ = ["EmbeddingRequest", "EmbeddingsFormat"]
 # Inputs one request may carry, as OpenAI's own limit.
 MAX_INPUTS = 2048
 
+_Text = Annotated[str, Field(min_length=1)]
+_Tokens = Annotated[list[int], Field(min_length=1)]
+
 
 class EmbeddingRequest(OpenAIBaseModel):
     """POST /v1/embeddings body (https://platform.openai.com/docs/api-reference/embeddings/create)."""
 
+    # No input may be empty, as OpenAI's own API: an empty string or token list has nothing to embed.
     input: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
-        | Annotated[list[int], Field(min_length=1)]
-        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_INPUTS)]
+        _Text
+        | Annotated[list[_Text], Field(min_length=1, max_length=MAX_INPUTS)]
+        | _Tokens
+        | Annotated[list[_Tokens], Field(min_length=1, max_length=MAX_INPUTS)]
     )
     model: str = Field(min_length=1)
     encoding_format: str | None = None
