@@ -23,6 +23,8 @@ __all__ = [
     "BENCH_DIR",
     "REPO",
     "CannedUpstream",
+    "API_PATHS",
+    "api_body",
     "chat_body",
     "cpu_ticks",
     "descendants",
@@ -65,6 +67,47 @@ def chat_body(model: str, *, stream: bool = False) -> bytes:
         "max_tokens": 256,
         "temperature": 0.7,
     }
+    if stream:
+        payload["stream"] = True
+    return orjson.dumps(payload)
+
+
+# Where each wire format is served; the same conversation goes to each (see `api_body`).
+API_PATHS = {
+    "chat": "/v1/chat/completions",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
+
+
+def api_body(api: str, model: str, *, stream: bool = False) -> bytes:
+    """The bench conversation in one wire format: chat, Responses or Anthropic Messages."""
+    if api == "chat":
+        return chat_body(model, stream=stream)
+    turns = [
+        {"role": "user", "content": _USER_1},
+        {"role": "assistant", "content": _ASSISTANT_1},
+        {"role": "user", "content": _USER_2},
+    ]
+    payload: dict[str, object]
+    if api == "responses":
+        payload = {
+            "model": model,
+            "instructions": _SYSTEM,
+            "input": turns,
+            "max_output_tokens": 256,
+            "temperature": 0.7,
+        }
+    elif api == "messages":
+        payload = {
+            "model": model,
+            "system": _SYSTEM,
+            "messages": turns,
+            "max_tokens": 256,
+            "temperature": 0.7,
+        }
+    else:
+        raise ValueError(f"unknown api {api!r}")
     if stream:
         payload["stream"] = True
     return orjson.dumps(payload)

@@ -1,4 +1,4 @@
-"""Gateway overhead benchmark (issue 7): wrk against nginx directly, then through Triage.
+"""Gateway overhead benchmark: wrk against nginx directly, then through Triage.
 
 A canned nginx upstream answers every chat completion instantly, so what the
 via-Triage numbers add over the direct ones is the gateway's own cost:
@@ -9,6 +9,8 @@ asyncio client also measures the time to first byte, first event and last byte.
     .venv/bin/python bench/gateway.py                 # routing mode, JSON, full run
     .venv/bin/python bench/gateway.py --mode pinned   # model: student-small, no scoring
     .venv/bin/python bench/gateway.py --stream --quick
+    .venv/bin/python bench/gateway.py --apis chat,responses,messages   # each API's overhead
+    .venv/bin/python bench/gateway.py --baseline d9b51c6               # this checkout against a commit
 
 wrk and nginx share core 0, Triage gets core 1 (and up, with --workers).
 Numbers from a shared machine are noisy: compare ratios from the same run.
@@ -36,9 +38,11 @@ from typing import Any
 import orjson
 import yaml
 from canned import (
+    API_PATHS,
     BENCH_DIR,
     REPO,
     CannedUpstream,
+    api_body,
     busy_processes,
     chat_body,
     cpu_ticks,
@@ -97,6 +101,8 @@ class Settings:
     workers: int | None
     cascade: bool
     stream_requests: int
+    apis: list[str] = field(default_factory=lambda: ["chat"])
+    baseline: str | None = None
 
 
 # --- Triage -------------------------------------------------------------------
@@ -153,12 +159,23 @@ def workers_supported() -> bool:
 class Triage:
     """`triage serve` on a temp config, pinned with taskset, in its own process group."""
 
-    def __init__(self, workdir: Path, upstream: str, cores: str, workers: int | None, cascade: bool) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstream: str,
+        cores: str,
+        workers: int | None,
+        cascade: bool,
+        repo: Path = REPO,
+        name: str = "triage",
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = workdir / "triage.yaml"
+        self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(triage_config(upstream, self.port, cascade)))
-        self.log_path = workdir / "triage.log"
+        self.log_path = workdir / f"{name}.log"
+        # `python -m router` from this folder runs its code (a baseline worktree's, say).
+        self.repo = repo
         self.cores = cores
         self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
@@ -183,7 +200,7 @@ class Triage:
             cmd += ["--workers", str(self.workers)]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                cmd, cwd=self.repo, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
             )
         try:
             wait_port(self.port, self.proc, timeout_s=60)
@@ -219,11 +236,9 @@ class Triage:
         self.stop()
 
 
-def probe(url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+def probe(url: str, body: bytes, path: str = "/v1/chat/completions") -> tuple[int, dict[str, str], bytes]:
     """One POST: status, headers, body (to check the setup before measuring)."""
-    req = urllib.request.Request(
-        url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
-    )
+    req = urllib.request.Request(url + path, data=body, headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, dict(resp.headers.items()), resp.read()
@@ -242,6 +257,7 @@ def run_wrk(
     body: bytes,
     core: str,
     measure: Callable[[], float] | None = None,
+    path: str = "/v1/chat/completions",
 ) -> WrkRun:
     """One wrk run; `measure` returns CPU seconds of the process under test (read before and after)."""
     cmd = [
@@ -256,7 +272,7 @@ def run_wrk(
         "10s",
         "-s",
         str(BENCH_DIR / "chat.lua"),
-        url + "/v1/chat/completions",
+        url + path,
     ]
     env = {**os.environ, "BENCH_BODY": body.decode()}
     before = measure() if measure else 0.0
@@ -341,6 +357,115 @@ def wrk_table(s: Settings, wrk: str, upstream: str, triage: Triage, body: bytes,
         )
         rows.append(row)
     return rows
+
+
+# --- each API, and this checkout against a baseline --------------------------------
+
+
+@dataclass
+class Side:
+    """One series of via-Triage runs (an API, or a checkout)."""
+
+    label: str
+    runs: list[WrkRun] = field(default_factory=list)
+
+
+def _side_rows(title: str, conns: int, sides: list[Side]) -> None:
+    base = sides[0]
+    b_rps = _med([x.rps for x in base.runs])
+    b_p50 = _med([x.p50_us for x in base.runs])
+    print(f"  {title}, c={conns}:")
+    for side in sides:
+        rps = _med([x.rps for x in side.runs])
+        p50 = _med([x.p50_us for x in side.runs])
+        p99 = _med([x.p99_us for x in side.runs])
+        cpu = _med([x.triage_cpu_s * 1000 / x.requests for x in side.runs if x.requests])
+        errors = sum(x.errors for x in side.runs)
+        print(
+            f"    {side.label:>12}: {rps:>7.0f} rps ({rps / b_rps:.3f}x {base.label}) | p50 {p50:>6.0f} µs "
+            f"({p50 - b_p50:+.0f}) | p99 {p99:>6.0f} µs | CPU {cpu:.3f} ms/req | errors {errors}"
+        )
+
+
+def api_table(s: Settings, wrk: str, triage: Triage, model: str, load_core: str) -> dict[str, Any]:
+    """Each API through the same Triage, rounds interleaved so drift hits all alike."""
+    out: dict[str, Any] = {}
+    bodies = {api: api_body(api, model, stream=s.stream) for api in s.apis}
+    for api, body in bodies.items():
+        status, _, reply = probe(triage.url, body, API_PATHS[api])
+        if status != 200:
+            raise RuntimeError(f"{api}: Triage answered {status}: {reply[:300]!r}")
+    print(f"\nper API, via Triage (rounds interleaved; first API is the reference): {', '.join(s.apis)}")
+    for conns in s.connections:
+        sides = [Side(api) for api in s.apis]
+        for side in sides:
+            run_wrk(
+                wrk, triage.url, conns, s.warmup_s, bodies[side.label], load_core, path=API_PATHS[side.label]
+            )
+        for _ in range(s.repeats):
+            for side in sides:
+                side.runs.append(
+                    run_wrk(
+                        wrk,
+                        triage.url,
+                        conns,
+                        s.duration_s,
+                        bodies[side.label],
+                        load_core,
+                        measure=lambda: cpu_ticks(triage.pids()),
+                        path=API_PATHS[side.label],
+                    )
+                )
+        _side_rows("APIs", conns, sides)
+        out[str(conns)] = {side.label: [asdict(r) for r in side.runs] for side in sides}
+    return out
+
+
+@contextmanager
+def baseline_checkout(rev: str, tmp: Path) -> Iterator[Path]:
+    """A detached worktree of `rev`, removed afterwards (it shares this checkout's venv)."""
+    path = tmp / "baseline"
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)],
+            check=False,
+            capture_output=True,
+        )
+
+
+def baseline_table(
+    s: Settings, wrk: str, triage: Triage, base: Triage, body: bytes, load_core: str
+) -> dict[str, Any]:
+    """This checkout against the baseline, chat only, rounds alternating."""
+    out: dict[str, Any] = {}
+    print(f"\nthis checkout against {s.baseline} (chat, rounds alternating)")
+    for conns in s.connections:
+        sides = [(Side(s.baseline or "baseline"), base), (Side("this"), triage)]
+        for _, server in sides:
+            run_wrk(wrk, server.url, conns, s.warmup_s, body, load_core)
+        for _ in range(s.repeats):
+            for side, server in sides:
+                side.runs.append(
+                    run_wrk(
+                        wrk,
+                        server.url,
+                        conns,
+                        s.duration_s,
+                        body,
+                        load_core,
+                        measure=lambda server=server: cpu_ticks(server.pids()),  # type: ignore[misc]
+                    )
+                )
+        _side_rows("checkouts", conns, [side for side, _ in sides])
+        out[str(conns)] = {side.label: [asdict(r) for r in side.runs] for side, _ in sides}
+    return out
 
 
 # --- streaming latency ----------------------------------------------------------
@@ -558,6 +683,14 @@ def run(s: Settings, json_out: Path | None) -> int:
                 "via = wrk -> Triage -> nginx",
             )
             results["wrk"] = [asdict(r) for r in rows]
+            if s.apis != ["chat"]:
+                results["apis"] = api_table(s, tools["wrk"], triage, model, load_core)
+            if s.baseline is not None:
+                with (
+                    baseline_checkout(s.baseline, Path(tmp)) as checkout,
+                    Triage(Path(tmp), upstream, triage_cores, workers, s.cascade, checkout, "base") as base,
+                ):
+                    results["baseline"] = baseline_table(s, tools["wrk"], triage, base, body, load_core)
             if s.stream:
                 os.sched_setaffinity(0, {int(load_core)})
                 d, v = asyncio.run(
@@ -620,6 +753,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cascade", action="store_true", help="keep routing.cascade enabled")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of 3 s, 1 s warm-up")
     p.add_argument("--json", type=Path, help="also write raw results to this file")
+    p.add_argument(
+        "--apis",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        default=["chat"],
+        help="also compare these APIs through Triage, e.g. chat,responses,messages (first = reference)",
+    )
+    p.add_argument("--baseline", help="also run this git revision's Triage and compare (chat)")
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.repeats, a.warmup = 3, 1, 1
@@ -634,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         workers=a.workers,
         cascade=a.cascade,
         stream_requests=a.stream_requests,
+        apis=a.apis,
+        baseline=a.baseline,
     )
     try:
         return run(s, a.json)

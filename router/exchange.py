@@ -42,6 +42,11 @@ class Leg:
     translation: Translation | None  # None: the client's own format, passed through
 
 
+# Built once: every request of a format takes one of its two legs.
+_DIRECT = {name: Leg(f, None) for name, f in FORMATS.items()}
+_VIA_CHAT = {name: Leg(_CHAT, f.via_chat) for name, f in FORMATS.items() if f.via_chat is not None}
+
+
 @dataclass(slots=True)
 class Exchange:
     """Per-request facts shared by the attempt loop, the stream pump and the response."""
@@ -71,10 +76,10 @@ class Exchange:
 
     def leg(self, model: ModelConfig) -> Leg:
         """How `model` is asked for this request."""
-        fmt = self.fmt
-        if fmt.name in model.apis or fmt.via_chat is None:
-            return Leg(fmt, None)
-        return Leg(_CHAT, fmt.via_chat)
+        name = self.fmt.name
+        if name in model.apis or name not in _VIA_CHAT:
+            return _DIRECT[name]
+        return _VIA_CHAT[name]
 
     def headers(self, model: ModelConfig | None, reason: str) -> dict[str, str]:
         """The x-triage-* response headers.

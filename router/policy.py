@@ -18,7 +18,7 @@ from router.routing import Decision, ThresholdPolicy
 __all__ = ["POLICIES", "RequestContext", "RoutingPolicy", "load_policy"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestContext:
     """Everything a policy may use to choose a model for one request."""
 

@@ -103,14 +103,41 @@ async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     return b"".join(chunks)
 
 
-def _validation_error(exc: ValidationError) -> InvalidRequest:
-    err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"]]
-    param = ".".join(loc) if loc else None
-    message = f"{param}: {err['msg']}" if param else err["msg"]
-    if exc.error_count() > 1:
-        message += f" (and {exc.error_count() - 1} more error(s))"
+def _validation_error(exc: ValidationError, payload: Any) -> InvalidRequest:
+    """One 400 naming the field at fault, as the client wrote it.
+
+    pydantic's location of an error inside a union names the alternative tried
+    (`input.constrained-str`, `input.list[str].0`); those names mean nothing to a
+    client, so only the parts that exist in the body are kept, and the union's
+    alternatives for the first field at fault are listed together.
+    """
+    errors = exc.errors(include_url=False)
+    located = [(_in_body(err["loc"], payload), err["msg"]) for err in errors]
+    param = located[0][0]
+    messages = list(dict.fromkeys(msg for where, msg in located if where == param))
+    message = "; or ".join(messages)
+    if param:
+        message = f"{param}: {message}"
+    others = sum(1 for where, _ in located if where != param)
+    if others:
+        message += f" (and {others} more error(s))"
     return InvalidRequest(message, param=param)
+
+
+def _in_body(loc: tuple[int | str, ...], payload: Any) -> str | None:
+    parts: list[str] = []
+    node = payload
+    for part in loc:
+        if isinstance(node, dict):
+            parts.append(str(part))
+            if part not in node:
+                break  # a missing field: named, and nothing below it exists
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            parts.append(str(part))
+            node = node[part]
+        # else: a union alternative's name (or a position that is not there): not the client's
+    return ".".join(parts) or None
 
 
 def _parse(body: bytes, fmt: WireFormat, max_containers: int) -> dict[str, Any]:
@@ -143,7 +170,7 @@ def _parse(body: bytes, fmt: WireFormat, max_containers: int) -> dict[str, Any]:
     try:
         request = fmt.request_model.model_validate(payload)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise _validation_error(exc, payload) from None
     for key in _WHOLE_NUMBERS:
         # 16.0 is accepted as 16; forward and count with the integer.
         if isinstance(payload.get(key), float):
@@ -231,7 +258,10 @@ async def read_request(request: Request, fmt: WireFormat, gw: Gateway) -> tuple[
 
     Returns (the caller's key state or None, the payload). Raises GatewayError.
     """
-    key = gw.auth.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    key = None
+    if gw.auth.enabled:
+        headers = request.headers
+        key = gw.auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
     if key is not None:
         try:
             key.admit()
