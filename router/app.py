@@ -25,7 +25,7 @@ from router import __version__
 from router.auth import check_token
 from router.config import Config, config_hash, load_config
 from router.endpoints import BY_PATH, FORMATS, WireFormat
-from router.endpoints.messages import CountTokensRequest, MessagesFormat
+from router.endpoints.messages import CountTokensFormat, CountTokensRequest
 from router.errors import GatewayError, error_body
 from router.gateway import Gateway
 from router.logs import configure as configure_logs
@@ -272,7 +272,7 @@ def create_app(
     for fmt in FORMATS.values():
         _add_model_route(app, fmt)
     app.add_api_route(
-        "/v1/messages/count_tokens",
+        _COUNT_TOKENS.path,
         count_tokens,
         methods=["POST"],
         openapi_extra=_body_schema(CountTokensRequest),
@@ -398,11 +398,7 @@ _SUMMARIES: dict[str, str] = {
 }
 
 
-class _CountTokens(MessagesFormat):
-    request_model = CountTokensRequest  # type: ignore[assignment]
-
-
-_COUNT_TOKENS = _CountTokens()
+_COUNT_TOKENS = CountTokensFormat()
 
 
 async def count_tokens(request: Request) -> Response:

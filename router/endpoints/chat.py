@@ -24,10 +24,7 @@ from router.quality import Answer, answer_from_body, logprob_values, wants_json
 
 __all__ = ["ChatFormat", "CompletionsFormat", "chat_prompt"]
 
-# Tokens an image is counted as when nothing better is known: about what OpenAI bills a
-# 1024×1024 image at high detail (765) and Anthropic a 1092×1092 one (~1,600). The
-# base64 bytes of an image are never counted as text.
-IMAGE_TOKENS = 1_000
+# Image parts are counted as images (`routing.image_tokens` each), never by their base64 bytes.
 _IMAGE_PARTS = ("image_url", "input_image", "image")
 
 

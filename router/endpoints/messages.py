@@ -13,7 +13,6 @@ Errors: https://docs.anthropic.com/en/api/errors
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal, TypeGuard
 
 import orjson
@@ -21,13 +20,13 @@ from pydantic import Field
 
 from router.accounting import Usage
 from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, event_json
-from router.endpoints.chat import IMAGE_TOKENS, chat_prompt
+from router.endpoints.chat import chat_prompt
 from router.endpoints.messages_chat import MessagesViaChat
 from router.errors import GatewayError, UpstreamStatus
 from router.protocol import OpenAIBaseModel, TokenCount
 from router.quality import Answer
 
-__all__ = ["AnthropicMessage", "CountTokensRequest", "MessagesFormat", "MessagesRequest"]
+__all__ = ["AnthropicMessage", "CountTokensFormat", "CountTokensRequest", "MessagesFormat", "MessagesRequest"]
 
 
 class AnthropicMessage(OpenAIBaseModel):
@@ -154,9 +153,7 @@ class MessagesFormat(WireFormat):
     name = "messages"
     path = "/v1/messages"
     upstream_path = "/messages"
-    request_model = MessagesRequest
-    count_tokens_path = "/v1/messages/count_tokens"
-    count_tokens_model = CountTokensRequest
+    request_model: ClassVar[type[OpenAIBaseModel]] = MessagesRequest
     via_chat: ClassVar[MessagesViaChat] = MessagesViaChat()
     openai_errors = False
 
@@ -166,15 +163,6 @@ class MessagesFormat(WireFormat):
         # Read through the chat translation, so a request is sized and scored the same
         # whichever format the upstream speaks; `max_tokens` becomes the budget there.
         return chat_prompt(self.via_chat.request(payload))
-
-    def count_tokens(self, payload: dict[str, Any], chars_per_token: float) -> int:
-        """The `input_tokens` estimate for `/v1/messages/count_tokens`: text (system, messages,
-        tool schemas) at `chars_per_token`, and `IMAGE_TOKENS` per image whatever its bytes.
-
-        Raises `InvalidRequest` for a request the gateway could not serve.
-        """
-        prompt = chat_prompt(self.via_chat.request(payload))
-        return math.ceil(prompt.chars / chars_per_token) + prompt.images * IMAGE_TOKENS
 
     def upstream_payload(
         self, payload: dict[str, Any], upstream_model: str, logprobs: bool
@@ -317,3 +305,13 @@ class MessagesFormat(WireFormat):
         """An `error` event: `api_error`, or the timeout or overload it was."""
         envelope = _envelope(_EVENT_ERROR_TYPES.get(type_, "api_error"), message)
         return b"event: error\ndata: " + orjson.dumps(envelope) + b"\n\n"
+
+
+class CountTokensFormat(MessagesFormat):
+    """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`, never sent upstream.
+
+    Its answer is the routing policy's own size estimate of the prompt (`router/app.py`).
+    """
+
+    path = "/v1/messages/count_tokens"
+    request_model = CountTokensRequest

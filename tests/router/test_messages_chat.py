@@ -24,7 +24,6 @@ from starlette.routing import Route
 
 from router.accounting import Usage
 from router.endpoints.base import Malformed, StreamAnswer, StreamTranslator
-from router.endpoints.chat import IMAGE_TOKENS
 from router.endpoints.messages import CountTokensRequest, MessagesFormat, MessagesRequest
 from router.endpoints.messages_chat import MessagesViaChat
 from router.errors import (
@@ -432,14 +431,23 @@ def test_request_models() -> None:
 # --- count_tokens ---------------------------------------------------------------------------
 
 
+IMAGE_TOKENS = 1000
+
+
+def _count(payload: dict[str, Any], chars_per_token: float) -> int:
+    """What /v1/messages/count_tokens answers: the routing estimate of the request's prompt."""
+    prompt = FMT.prompt(payload)
+    return math.ceil(prompt.chars / chars_per_token) + prompt.images * IMAGE_TOKENS
+
+
 def test_count_tokens_counts_text_tools_and_images_not_their_bytes() -> None:
     text_only = {"model": "m", "system": "s" * 40, "messages": [{"role": "user", "content": "u" * 60}]}
-    assert FMT.count_tokens(text_only, 4.0) == 25
-    assert FMT.count_tokens(text_only, 3.0) == 34  # ceil(100 / 3)
+    assert _count(text_only, 4.0) == 25
+    assert _count(text_only, 3.0) == 34  # ceil(100 / 3)
 
     with_tools = {**text_only, "tools": [WEATHER_TOOL]}
     schema_chars = len(orjson.dumps([WEATHER_FUNCTION]))
-    assert FMT.count_tokens(with_tools, 4.0) == math.ceil((100 + schema_chars) / 4)
+    assert _count(with_tools, 4.0) == math.ceil((100 + schema_chars) / 4)
 
     big = "A" * 200_000  # a 200 KB base64 image is one image, not 50k tokens of text
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": big}}
@@ -447,7 +455,7 @@ def test_count_tokens_counts_text_tools_and_images_not_their_bytes() -> None:
         **text_only,
         "messages": [{"role": "user", "content": [image, {"type": "text", "text": "u" * 60}]}],
     }
-    assert FMT.count_tokens(with_image, 4.0) == 25 + IMAGE_TOKENS
+    assert _count(with_image, 4.0) == 25 + IMAGE_TOKENS
 
 
 # --- answers: chat completion → Message -----------------------------------------------------
