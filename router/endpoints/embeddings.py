@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import (
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+)
 
 from router.accounting import Usage, usage_from_body
 from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat
-from router.protocol import OpenAIBaseModel
+from router.protocol import OpenAIBaseModel, _whole_number
 from router.quality import Answer
 
 __all__ = ["EmbeddingRequest", "EmbeddingsFormat"]
@@ -20,8 +27,21 @@ __all__ = ["EmbeddingRequest", "EmbeddingsFormat"]
 # Inputs one request may carry, as OpenAI's own limit.
 MAX_INPUTS = 2048
 
+
+def _whole_numbers(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # JSON has one number type: a token id may come as 16.0. A list of integers is checked at
+    # native speed; only a list that failed (one holding such floats) is read again.
+    try:
+        return handler(value)
+    except ValidationError:
+        if not isinstance(value, list):
+            raise
+        return handler([_whole_number(v) for v in value])
+
+
+_DIMENSIONS = {"type": "integer", "minimum": 1}
 _Text = Annotated[str, Field(min_length=1)]
-_Tokens = Annotated[list[int], Field(min_length=1)]
+_Tokens = Annotated[list[int], Field(min_length=1), WrapValidator(_whole_numbers)]
 
 
 class EmbeddingRequest(OpenAIBaseModel):
@@ -36,7 +56,9 @@ class EmbeddingRequest(OpenAIBaseModel):
     )
     model: str = Field(min_length=1)
     encoding_format: str | None = None
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: (
+        Annotated[int, BeforeValidator(_whole_number), Field(ge=1), WithJsonSchema(_DIMENSIONS)] | None
+    ) = None
 
 
 def _chars(value: Any) -> int:
@@ -59,6 +81,15 @@ class EmbeddingsFormat(WireFormat):
 
     def prompt(self, payload: dict[str, Any]) -> Prompt:
         return Prompt(text="", chars=_chars(payload["input"]))
+
+    def upstream_payload(
+        self, payload: dict[str, Any], upstream_model: str, logprobs: bool
+    ) -> dict[str, Any]:
+        out = dict(payload)
+        out["model"] = upstream_model
+        if isinstance(out.get("dimensions"), float):  # 256.0 passed validation as the whole number 256
+            out["dimensions"] = int(out["dimensions"])
+        return out
 
     def wants_stream(self, payload: Any) -> bool:
         return False

@@ -6,6 +6,11 @@ stream. Any other upstream is asked through chat completions (`MessagesViaChat`)
 Errors go out in Anthropic's envelope, `{"type": "error", "error": {"type", "message"}}`,
 which the official `anthropic` SDK parses into its typed exceptions.
 
+The request models hold what both paths serve, so the OpenAPI document says it exactly:
+text, image (base64 or URL) and tool_result (text) blocks in user turns; text, tool_use,
+thinking and redacted_thinking blocks in assistant turns; a system prompt as a string or
+text blocks; custom tools and the four forms of `tool_choice`. Unknown fields are kept.
+
 Request reference: https://docs.anthropic.com/en/api/messages
 Streaming events: https://docs.anthropic.com/en/docs/build-with-claude/streaming
 Errors: https://docs.anthropic.com/en/api/errors
@@ -13,27 +18,250 @@ Errors: https://docs.anthropic.com/en/api/errors
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, TypeGuard
+from typing import Annotated, Any, ClassVar, Literal, NotRequired, TypeGuard
 
 import orjson
-from pydantic import Field
+from pydantic import (
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+    with_config,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from typing_extensions import TypedDict
 
 from router.accounting import Usage
 from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, event_json
 from router.endpoints.chat import chat_prompt
 from router.endpoints.messages_chat import MessagesViaChat
 from router.errors import GatewayError, UpstreamStatus
-from router.protocol import OpenAIBaseModel, TokenCount
+from router.protocol import OpenAIBaseModel, TokenCount, _whole_number
 from router.quality import Answer
 
-__all__ = ["AnthropicMessage", "CountTokensFormat", "CountTokensRequest", "MessagesFormat", "MessagesRequest"]
+__all__ = [
+    "AnthropicMessage",
+    "AssistantMessage",
+    "CountTokensFormat",
+    "CountTokensRequest",
+    "MessagesFormat",
+    "MessagesRequest",
+    "UserMessage",
+    "WholeNumber",
+    "forwarded",
+    "untagged",
+    "string_or",
+]
 
 
-class AnthropicMessage(OpenAIBaseModel):
-    """One turn: a string, or a list of content blocks (text, image, tool_use, tool_result, …)."""
+# --- request models: what the gateway serves, so the OpenAPI document says it exactly --------
 
-    role: Literal["user", "assistant"]
-    content: str | list[dict[str, Any]]
+
+def untagged(*at: int) -> WrapValidator:
+    """Locates a tagged union's errors as in the body.
+
+    pydantic names the member of a tagged union in an error's location (`content.list.0.image.source`),
+    a field the client never wrote. `at`: where such names stand in the locations below the annotated
+    value, which this validator leaves out: `(0,)` for a union, `(1,)` for a list of unions,
+    `(0, 2)` for a `string_or` union of a string and a list of unions (one call per list, not per item).
+    """
+
+    def strip(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            errors: list[InitErrorDetails] = [
+                {
+                    "type": PydanticCustomError(e["type"], e["msg"]),
+                    "loc": tuple(part for i, part in enumerate(e["loc"]) if i not in at),
+                    "input": e["input"],
+                }
+                for e in exc.errors(include_url=False)
+            ]
+            raise ValidationError.from_exception_data(exc.title, errors) from None
+
+    return WrapValidator(strip)
+
+
+def _shape(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "string"
+    return "list" if isinstance(value, list) else None
+
+
+def string_or(what: str) -> Discriminator:
+    """A `str | list[...]` union that reports only the errors of the form sent (`Tag("string")`,
+    `Tag("list")`), and one clear error for anything else."""
+    return Discriminator(
+        _shape,
+        custom_error_type="string_or_list",
+        custom_error_message=f"Input should be a string or a list of {what}",
+    )
+
+
+# Content blocks, items and tools are TypedDicts (checked as dicts, at a fraction of the cost of a
+# model instance each), with the request models' own config: unknown fields forwarded, strict.
+forwarded = with_config(OpenAIBaseModel.model_config)
+
+
+# An integer that JSON may write as 16.0 (a valid integer in JSON Schema), as `TokenCount`.
+WholeNumber = Annotated[int, BeforeValidator(_whole_number), WithJsonSchema({"type": "integer"})]
+
+
+@forwarded
+class TextBlock(TypedDict):
+    """A `text` content block (`cache_control`, `citations` and other fields are forwarded)."""
+
+    type: Literal["text"]
+    text: str
+
+
+@forwarded
+class Base64Source(TypedDict):
+    """An image given inline."""
+
+    type: Literal["base64"]
+    media_type: str
+    data: str
+
+
+@forwarded
+class UrlSource(TypedDict):
+    """An image given by URL."""
+
+    type: Literal["url"]
+    url: str
+
+
+@forwarded
+class ImageBlock(TypedDict):
+    """An `image` block: base64 data or a URL (files by id are not supported)."""
+
+    type: Literal["image"]
+    source: Annotated[Annotated[Base64Source | UrlSource, Field(discriminator="type")], untagged(0)]
+
+
+@forwarded
+class ToolUseBlock(TypedDict):
+    """A tool call the assistant made."""
+
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+@forwarded
+class ToolResultBlock(TypedDict):
+    """A tool's result, in a user turn: text only (a string or text blocks)."""
+
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: NotRequired[
+        Annotated[
+            Annotated[str, Tag("string")] | Annotated[list[TextBlock], Tag("list")],
+            string_or("text blocks"),
+            untagged(0),
+        ]
+        | None
+    ]
+    is_error: NotRequired[bool | None]
+
+
+@forwarded
+class ThinkingBlock(TypedDict):
+    """The assistant's reasoning, sent back (dropped on the way to a chat-completions model)."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str
+
+
+@forwarded
+class RedactedThinkingBlock(TypedDict):
+    """Encrypted reasoning, sent back (dropped on the way to a chat-completions model)."""
+
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+UserBlock = Annotated[TextBlock | ImageBlock | ToolResultBlock, Field(discriminator="type")]
+AssistantBlock = Annotated[
+    TextBlock | ToolUseBlock | ThinkingBlock | RedactedThinkingBlock, Field(discriminator="type")
+]
+
+
+@forwarded
+class UserMessage(TypedDict):
+    """A user turn: text, images and tool results."""
+
+    role: Literal["user"]
+    content: Annotated[
+        Annotated[str, Tag("string")] | Annotated[list[UserBlock], Tag("list")],
+        string_or("content blocks"),
+        untagged(0, 2),
+    ]
+
+
+@forwarded
+class AssistantMessage(TypedDict):
+    """An assistant turn: text, tool calls and reasoning."""
+
+    role: Literal["assistant"]
+    content: Annotated[
+        Annotated[str, Tag("string")] | Annotated[list[AssistantBlock], Tag("list")],
+        string_or("content blocks"),
+        untagged(0, 2),
+    ]
+
+
+AnthropicMessage = Annotated[UserMessage | AssistantMessage, Field(discriminator="role")]
+
+
+@forwarded
+class CustomTool(TypedDict):
+    """A custom tool (server tools such as web search are not supported)."""
+
+    type: NotRequired[Literal["custom"] | None]
+    name: str
+    description: NotRequired[str | None]
+    input_schema: dict[str, Any]
+
+
+@forwarded
+class AutoChoice(TypedDict):
+    """The model decides whether to call a tool."""
+
+    type: Literal["auto"]
+    disable_parallel_tool_use: NotRequired[bool | None]
+
+
+@forwarded
+class AnyChoice(TypedDict):
+    """The model must call some tool."""
+
+    type: Literal["any"]
+    disable_parallel_tool_use: NotRequired[bool | None]
+
+
+@forwarded
+class NoneChoice(TypedDict):
+    """The model must not call a tool."""
+
+    type: Literal["none"]
+
+
+@forwarded
+class ToolChoice(TypedDict):
+    """The model must call the named tool."""
+
+    type: Literal["tool"]
+    name: str
+    disable_parallel_tool_use: NotRequired[bool | None]
 
 
 class CountTokensRequest(OpenAIBaseModel):
@@ -42,12 +270,25 @@ class CountTokensRequest(OpenAIBaseModel):
     Fields ordered as in https://docs.anthropic.com/en/api/messages-count-tokens
     """
 
-    messages: list[AnthropicMessage] = Field(min_length=1)
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1), untagged(1)]
     model: str = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
+    system: (
+        Annotated[
+            Annotated[str, Tag("string")] | Annotated[list[TextBlock], Tag("list")],
+            string_or("text blocks"),
+            untagged(0),
+        ]
+        | None
+    ) = None
     thinking: dict[str, Any] | None = None
-    tool_choice: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tool_choice: (
+        Annotated[
+            Annotated[AutoChoice | AnyChoice | NoneChoice | ToolChoice, Field(discriminator="type")],
+            untagged(0),
+        ]
+        | None
+    ) = None
+    tools: list[CustomTool] | None = None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -58,7 +299,7 @@ class MessagesRequest(CountTokensRequest):
     stop_sequences: list[str] | None = None
     stream: bool | None = None
     temperature: float | None = None
-    top_k: int | None = None
+    top_k: WholeNumber | None = None
     top_p: float | None = None
 
 
@@ -170,6 +411,8 @@ class MessagesFormat(WireFormat):
         """The request as sent, for the upstream's model name. Messages has no logprobs to ask for."""
         out = dict(payload)
         out["model"] = upstream_model
+        if isinstance(out.get("top_k"), float):  # 40.0 passed validation as the whole number 40
+            out["top_k"] = int(out["top_k"])
         return out
 
     # --- answers --------------------------------------------------------------------------

@@ -14,8 +14,10 @@ Request (https://docs.anthropic.com/en/api/messages) → chat completions:
   function tools; `tool_choice` → its chat equivalent. `top_k`, `metadata`, `thinking`,
   `service_tier` and any other field have no chat equivalent and are dropped.
 
-Anything chat completions cannot express (documents, server tools, images in a tool
-result) is refused with `InvalidRequest` rather than silently lost.
+What chat completions cannot express (documents, server tools, images in a tool result)
+is not in the request model (`router/endpoints/messages.py`), so a client learns it from the
+OpenAPI document and a validation error; the refusals below only guard against a payload
+that did not pass that model.
 """
 
 from __future__ import annotations
@@ -124,8 +126,10 @@ def _tool_result(block: dict[str, Any]) -> dict[str, Any]:
     call_id = block.get("tool_use_id")
     if not isinstance(call_id, str):
         raise _refuse("a tool_result block needs a string `tool_use_id`")
-    content = block.get("content", "")
-    if isinstance(content, str):
+    content = block.get("content")
+    if content is None:  # a tool that returned nothing
+        text = ""
+    elif isinstance(content, str):
         text = content
     elif isinstance(content, list):
         texts: list[str] = []
@@ -139,8 +143,8 @@ def _tool_result(block: dict[str, Any]) -> dict[str, Any]:
         text = "\n".join(texts)
     else:
         raise _refuse("a tool_result `content` must be a string or a list of text blocks")
-    is_error = block.get("is_error", False)
-    if not isinstance(is_error, bool):
+    is_error = block.get("is_error")
+    if is_error is not None and not isinstance(is_error, bool):
         raise _refuse("a tool_result `is_error` must be a boolean")
     return {"role": "tool", "tool_call_id": call_id, "content": "Error: " + text if is_error else text}
 

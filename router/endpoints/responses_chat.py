@@ -5,8 +5,11 @@ chat-completions request, `response` turns the chat answer into a Response objec
 `stream` turns chat-completion chunks into the Responses event sequence
 (https://platform.openai.com/docs/api-reference/responses-streaming).
 
-What chat completions cannot express is refused with `InvalidRequest` (400): hosted
-tools (web search, file search, computer use, …), stored items and files by id.
+What chat completions cannot express (hosted tools such as web search, stored items, files
+by id) is not in the request model (`ResponsesRequest` in responses.py), so a client learns
+it from the OpenAPI document and a validation error; the refusals below only guard against
+a payload that did not pass that model. An input with no message for chat (only reasoning
+items, say) is sent on as it is: the upstream decides.
 """
 
 from __future__ import annotations
@@ -149,7 +152,9 @@ def _messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
         param = f"input[{i}]"
         if not isinstance(item, dict):
             raise _refuse(f"`{param}` must be an object.", param)
-        kind = item.get("type", "message")
+        kind = item.get("type")
+        if kind is None:  # a message may leave its type out (or send null)
+            kind = "message"
         if kind == "message":
             role = item.get("role")
             if role not in _MESSAGE_ROLES:
@@ -182,8 +187,6 @@ def _messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
                 f"Input item type {kind!r} is not supported: only messages, function calls and "
                 "function call outputs can be sent.",
             )
-    if not messages:
-        raise _refuse("`input` holds no message.")
     return messages
 
 

@@ -16,7 +16,7 @@ import anthropic
 import orjson
 import pytest
 from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -94,8 +94,18 @@ def server() -> Iterator[tuple[anthropic.Anthropic, Recorder]]:
         yield client, rec
 
 
+def _documented(body: dict[str, Any], model: type[BaseModel] = MessagesRequest) -> bool:
+    """Whether the request schema the OpenAPI document publishes admits `body`."""
+    jsonschema = pytest.importorskip("jsonschema")  # installed with schemathesis (the test extra)
+    return bool(jsonschema.Draft202012Validator(model.model_json_schema()).is_valid(body))
+
+
 def _sent(server: tuple[anthropic.Anthropic, Recorder]) -> dict[str, Any]:
-    return server[1].requests[-1]
+    """The SDK's last request: valid for the request model and for the schema the gateway publishes."""
+    body = server[1].requests[-1]
+    MessagesRequest.model_validate(body)
+    assert _documented(body)
+    return body
 
 
 # --- requests: what the SDK sends, translated -----------------------------------------------
@@ -303,114 +313,208 @@ def test_stream_flag_is_kept_and_an_empty_system_dropped() -> None:
     }
 
 
-@pytest.mark.parametrize(
-    ("payload", "param", "message"),
-    [
-        (
-            {
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "document",
-                                "source": {"type": "text", "media_type": "text/plain", "data": "x"},
-                            }
-                        ],
-                    }
-                ]
-            },
-            "messages",
-            "content blocks of type 'document' are not supported in user messages by this gateway",
-        ),
-        (
-            {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]},
-            "tools",
-            "only custom tools (name, description, input_schema) are supported, not 'web_search_20250305'",
-        ),
-        (
-            {"tools": [{"name": "f"}]},
-            "tools",
-            "a tool needs a string `name` and an object `input_schema`",
-        ),
-        (
-            {
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "tool_result",
-                                "tool_use_id": "t",
-                                "content": [{"type": "image", "source": {}}],
-                            }
-                        ],
-                    }
-                ]
-            },
-            "messages",
-            "tool_result content blocks of type 'image' are not supported by this gateway",
-        ),
-        (
-            {"messages": [{"role": "assistant", "content": [{"type": "server_tool_use", "id": "s"}]}]},
-            "messages",
-            "content blocks of type 'server_tool_use' are not supported in assistant messages"
-            " by this gateway",
-        ),
-        (
-            {
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}],
-                    }
-                ]
-            },
-            "messages",
-            "an image block needs a `source` of type base64 (media_type, data) or url (url)",
-        ),
-        (
-            {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
-            "messages",
-            "a text block needs a string `text`",
-        ),
-        (
-            {
-                "messages": [
-                    {
-                        "role": "assistant",
-                        "content": [{"type": "tool_use", "id": "t", "name": "f", "input": []}],
-                    }
-                ]
-            },
-            "messages",
-            "a tool_use block needs a string `id` and `name` and an object `input`",
-        ),
-        (
-            {"messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]},
-            "messages",
-            "a tool_result block needs a string `tool_use_id`",
-        ),
-        (
-            {"system": [{"type": "image", "source": {}}]},
-            "system",
-            "system blocks must be text blocks, not 'image'",
-        ),
-        (
-            {"tool_choice": {"type": "tool"}},
-            "tool_choice",
-            "`tool_choice` must be auto, any, none, or tool with a `name`",
-        ),
-    ],
-)
-def test_refused_requests(payload: dict[str, Any], param: str, message: str) -> None:
-    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], **payload}
-    MessagesRequest.model_validate(body)  # valid Messages; the gateway cannot express it in chat
+def _user(*blocks: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": list(blocks)}]}
+
+
+def _assistant(*blocks: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [{"role": "assistant", "content": list(blocks)}]}
+
+
+TOOL_USE = {"type": "tool_use", "id": "t", "name": "f", "input": {}}
+
+
+# What chat completions cannot express: (body fields, where the validation error points, what
+# it says, and the refusal of the translation itself, should such a payload ever reach it).
+UNSERVED: list[tuple[dict[str, Any], tuple[int | str, ...], str, str, str]] = [
+    (
+        _user({"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}),
+        ("messages", 0, "content", 0),
+        "Input tag 'document' found using 'type' does not match any of the expected tags: "
+        "'text', 'image', 'tool_result'",
+        "messages",
+        "content blocks of type 'document' are not supported in user messages by this gateway",
+    ),
+    (
+        _user(TOOL_USE),
+        ("messages", 0, "content", 0),
+        "Input tag 'tool_use' found",
+        "messages",
+        "content blocks of type 'tool_use' are not supported in user messages by this gateway",
+    ),
+    (
+        _assistant({"type": "tool_result", "tool_use_id": "t", "content": "x"}),
+        ("messages", 0, "content", 0),
+        "expected tags: 'text', 'tool_use', 'thinking', 'redacted_thinking'",
+        "messages",
+        "content blocks of type 'tool_result' are not supported in assistant messages by this gateway",
+    ),
+    (
+        _assistant({"type": "server_tool_use", "id": "s"}),
+        ("messages", 0, "content", 0),
+        "Input tag 'server_tool_use' found",
+        "messages",
+        "content blocks of type 'server_tool_use' are not supported in assistant messages by this gateway",
+    ),
+    (
+        {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]},
+        ("tools", 0, "type"),
+        "Input should be 'custom'",
+        "tools",
+        "only custom tools (name, description, input_schema) are supported, not 'web_search_20250305'",
+    ),
+    (
+        {"tools": [{"name": "f"}]},
+        ("tools", 0, "input_schema"),
+        "Field required",
+        "tools",
+        "a tool needs a string `name` and an object `input_schema`",
+    ),
+    (
+        _user({"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {}}]}),
+        ("messages", 0, "content", 0, "content", 0, "type"),
+        "Input should be 'text'",
+        "messages",
+        "tool_result content blocks of type 'image' are not supported by this gateway",
+    ),
+    (
+        _user({"type": "image", "source": {"type": "file", "file_id": "f"}}),
+        ("messages", 0, "content", 0, "source"),
+        "Input tag 'file' found using 'type' does not match any of the expected tags: 'base64', 'url'",
+        "messages",
+        "an image block needs a `source` of type base64 (media_type, data) or url (url)",
+    ),
+    (
+        _user({"type": "image", "source": {"type": "base64", "data": PNG}}),
+        ("messages", 0, "content", 0, "source", "media_type"),
+        "Field required",
+        "messages",
+        "an image block needs a `source` of type base64 (media_type, data) or url (url)",
+    ),
+    (
+        _user({"type": "text", "text": 3}),
+        ("messages", 0, "content", 0, "text"),
+        "Input should be a valid string",
+        "messages",
+        "a text block needs a string `text`",
+    ),
+    (
+        _assistant({**TOOL_USE, "input": []}),
+        ("messages", 0, "content", 0, "input"),
+        "Input should be a valid dictionary",
+        "messages",
+        "a tool_use block needs a string `id` and `name` and an object `input`",
+    ),
+    (
+        _user({"type": "tool_result", "content": "x"}),
+        ("messages", 0, "content", 0, "tool_use_id"),
+        "Field required",
+        "messages",
+        "a tool_result block needs a string `tool_use_id`",
+    ),
+    (
+        {"system": [{"type": "image", "source": {}}]},
+        ("system", 0, "type"),
+        "Input should be 'text'",
+        "system",
+        "system blocks must be text blocks, not 'image'",
+    ),
+    (
+        {"tool_choice": {"type": "tool"}},
+        ("tool_choice", "name"),
+        "Field required",
+        "tool_choice",
+        "`tool_choice` must be auto, any, none, or tool with a `name`",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "loc", "says", "param", "refusal"), UNSERVED)
+def test_what_chat_cannot_express_is_outside_the_request_schema(
+    fields: dict[str, Any], loc: tuple[int | str, ...], says: str, param: str, refusal: str
+) -> None:
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], **fields}
+    # The published schema does not admit it, so no schema-valid request meets a refusal ...
+    assert not _documented(body)
+    # ... and validation refuses it, naming the field as the client wrote it (no union member tags).
+    with pytest.raises(ValidationError) as invalid:
+        MessagesRequest.model_validate(body)
+    first = invalid.value.errors(include_url=False)[0]
+    assert first["loc"] == loc
+    assert says in first["msg"]
+    # The translation still refuses such a payload rather than losing part of it.
     with pytest.raises(InvalidRequest) as caught:
         FMT.prompt(body)
-    assert (caught.value.message, caught.value.param, caught.value.status_code) == (message, param, 400)
+    assert (caught.value.message, caught.value.param, caught.value.status_code) == (refusal, param, 400)
     error = orjson.loads(FMT.error_body(caught.value))
-    assert error == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    assert error == {"type": "error", "error": {"type": "invalid_request_error", "message": refusal}}
+
+
+def test_messages_must_be_a_string_or_blocks() -> None:
+    for content in (5, {"type": "text", "text": "x"}, None):
+        body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": content}]}
+        assert not _documented(body)
+        with pytest.raises(ValidationError) as invalid:
+            MessagesRequest.model_validate(body)
+        assert [(e["loc"], e["msg"]) for e in invalid.value.errors(include_url=False)] == [
+            (("messages", 0, "content"), "Input should be a string or a list of content blocks")
+        ]
+
+
+def test_every_schema_valid_shape_is_translated() -> None:
+    """Optional and null fields, whole-number floats, thinking blocks: valid, so they are served."""
+    body: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 8,
+        "top_k": 40.0,  # JSON has one number type: a whole float is an integer
+        "temperature": 1,
+        "system": None,
+        "tool_choice": {"type": "none", "disable_parallel_tool_use": True},
+        "tools": [{"type": "custom", "name": "f", "input_schema": {"type": "object"}, "description": None}],
+        "messages": [
+            {"role": "user", "content": "Run f."},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "Call f.", "signature": "sig"},
+                    {"type": "redacted_thinking", "data": "opaque"},
+                    TOOL_USE,
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "t", "content": None, "is_error": None},
+                    {"type": "tool_result", "tool_use_id": "t2", "content": [], "is_error": True},
+                ],
+            },
+            {"role": "user", "content": []},
+        ],
+    }
+    assert _documented(body)
+    MessagesRequest.model_validate(body)
+    chat = VIA.request(body)
+    assert chat["messages"] == [
+        {"role": "user", "content": "Run f."},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "t", "content": ""},
+        {"role": "tool", "tool_call_id": "t2", "content": "Error: "},
+        {"role": "user", "content": []},
+    ]
+    assert chat["tool_choice"] == "none" and "parallel_tool_calls" not in chat
+    assert chat["tools"] == [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    ]
+    # A native upstream gets the integer the request meant.
+    sent = FMT.upstream_payload(body, "claude", False)
+    assert sent["top_k"] == 40 and type(sent["top_k"]) is int
+    assert body["top_k"] == 40.0
+    with pytest.raises(ValidationError):
+        MessagesRequest.model_validate({**body, "top_k": 40.5})
 
 
 def test_request_models() -> None:
@@ -422,10 +526,14 @@ def test_request_models() -> None:
         {**good, "messages": []},
         {**good, "messages": [{"role": "system", "content": "x"}]},
         {**good, "stream": "yes"},
+        {**good, "top_k": "40"},
     ):
+        assert not _documented(bad)
         with pytest.raises(ValidationError):
             MessagesRequest.model_validate(bad)
-    CountTokensRequest.model_validate({k: v for k, v in good.items() if k != "max_tokens"})
+    count = {k: v for k, v in good.items() if k != "max_tokens"}
+    CountTokensRequest.model_validate(count)
+    assert _documented(count, CountTokensRequest)
 
 
 # --- count_tokens ---------------------------------------------------------------------------

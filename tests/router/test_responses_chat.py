@@ -104,6 +104,20 @@ def _chat(
     return {**CHAT_TEXT, "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
 
 
+def _documented(body: dict[str, Any]) -> bool:
+    """Whether the request schema the OpenAPI document publishes admits `body`."""
+    jsonschema = pytest.importorskip("jsonschema")  # installed with schemathesis (the test extra)
+    return bool(jsonschema.Draft202012Validator(ResponsesRequest.model_json_schema()).is_valid(body))
+
+
+def _sent(capture: Capture) -> dict[str, Any]:
+    """The SDK's last request: valid for the request model and for the schema the gateway publishes."""
+    body = capture.bodies[-1]
+    ResponsesRequest.model_validate(body)
+    assert _documented(body)
+    return body
+
+
 # --- requests: what the SDK sends, translated ---------------------------------------------
 
 
@@ -111,7 +125,7 @@ def test_string_input(capture: Capture) -> None:
     capture.reply = _answer_with(CHAT_TEXT)
     with capture.client() as client:
         got = client.responses.create(model="auto", input="Say hi")
-    sent = capture.bodies[-1]
+    sent = _sent(capture)
     assert sent == {"model": "auto", "input": "Say hi"}
     ResponsesRequest.model_validate(sent)
     FMT.check(sent)
@@ -151,7 +165,7 @@ def test_list_input_with_image_and_tool_round_trip(capture: Capture) -> None:
             max_output_tokens=64,
             temperature=0.2,
         )
-    sent = capture.bodies[-1]
+    sent = _sent(capture)
     ResponsesRequest.model_validate(sent)
     FMT.check(sent)
     assert VIA.request(sent) == {
@@ -206,7 +220,7 @@ def test_json_schema_format(capture: Capture) -> None:
     capture.reply = _answer_with(_chat('{"city": "Paris"}'))
     with capture.client() as client:
         got = client.responses.parse(model="auto", input="Which city?", text_format=City)
-    sent = capture.bodies[-1]
+    sent = _sent(capture)
     assert VIA.request(sent) == {
         "messages": [{"role": "user", "content": "Which city?"}],
         "response_format": {
@@ -384,11 +398,18 @@ def test_request_model_is_strict() -> None:
         ({"store": True}, "store", "send `store: false` or omit it"),
         ({"background": True}, "background", "Background responses are not supported"),
         ({"conversation": "conv_1"}, "conversation", "does not store conversations"),
+        ({"conversation": {"id": "conv_1"}}, "conversation", "does not store conversations"),
+        ({"prompt": {"id": "pmpt_1"}}, "prompt", "Stored prompt templates (`prompt`) are not supported"),
     ],
 )
 def test_stateful_requests_refused(extra: dict[str, Any], param: str, words: str) -> None:
+    body = {"model": "auto", "input": "x", **extra}
+    # The published schema allows only null (or false) here ...
+    assert not _documented(body)
+    # ... while the model reads the value, so that the check can say why it is refused.
+    ResponsesRequest.model_validate(body)
     with pytest.raises(InvalidRequest) as err:
-        FMT.check({"model": "auto", "input": "x", **extra})
+        FMT.check(body)
     assert err.value.status_code == 400
     assert err.value.param == param
     assert words in err.value.message
@@ -396,8 +417,8 @@ def test_stateful_requests_refused(extra: dict[str, Any], param: str, words: str
 
 
 def test_stateless_requests_pass_the_check() -> None:
-    FMT.check({"model": "auto", "input": "x"})
-    FMT.check(
+    for body in (
+        {"model": "auto", "input": "x"},
         {
             "model": "a",
             "input": "x",
@@ -405,61 +426,210 @@ def test_stateless_requests_pass_the_check() -> None:
             "background": False,
             "previous_response_id": None,
             "conversation": None,
-        }
-    )
-    FMT.check({"model": "a", "input": "x", "store": None, "background": None})
+            "prompt": None,
+        },
+        {"model": "a", "input": "x", "store": None, "background": None},
+    ):
+        assert _documented(body)
+        ResponsesRequest.model_validate(body)
+        FMT.check(body)
 
 
-@pytest.mark.parametrize(
-    ("payload", "param", "words"),
-    [
-        ({"tools": [{"type": "web_search"}]}, "tools[0]", "only function tools"),
-        (
-            {"tools": [WEATHER_TOOL, {"type": "file_search", "vector_store_ids": ["vs"]}]},
-            "tools[1]",
-            "'file_search'",
-        ),
-        (
-            {"input": [{"type": "item_reference", "id": "msg_1"}]},
-            "input",
-            "'item_reference' is not supported",
-        ),
-        ({"input": [{"type": "computer_call_output", "call_id": "c"}]}, "input", "'computer_call_output'"),
-        (
-            {
-                "input": [
-                    {
-                        "role": "user",
-                        "content": [{"type": "input_image", "file_id": "file-1", "detail": "auto"}],
-                    }
-                ]
-            },
-            "input[0].content[0]",
-            "`file_id` is not supported",
-        ),
-        (
-            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
-            "input[0].content[0]",
-            "'input_file'",
-        ),
-        ({"input": [{"role": "tool", "content": "x"}]}, "input[0]", "role"),
-        (
-            {"input": [{"type": "function_call", "call_id": "c", "name": 5, "arguments": "{}"}]},
-            "input[0]",
-            "string",
-        ),
-        ({"input": []}, "input", "no message"),
-        ({"tool_choice": {"type": "web_search"}}, "tool_choice", "function"),
-        ({"text": {"format": {"type": "grammar"}}}, "text.format", "json_schema"),
-        ({"prompt": {"id": "pmpt_1"}}, "prompt", "not supported"),
-    ],
-)
-def test_untranslatable_requests_refused(payload: dict[str, Any], param: str, words: str) -> None:
+def _item(**fields: Any) -> dict[str, Any]:
+    return {"input": [fields]}
+
+
+ITEM_KINDS = "role user, assistant, system or developer, or an item of type function_call"
+
+
+# What chat completions cannot express: (body fields, where the validation error points, what
+# it says, and the refusal of the translation itself, should such a payload ever reach it).
+UNSERVED: list[tuple[dict[str, Any], tuple[int | str, ...], str, str, str]] = [
+    (
+        {"tools": [{"type": "web_search"}]},
+        ("tools", 0, "type"),
+        "'function'",
+        "tools[0]",
+        "only function tools",
+    ),
+    (
+        {"tools": [WEATHER_TOOL, {"type": "file_search", "vector_store_ids": ["vs"]}]},
+        ("tools", 1, "type"),
+        "'function'",
+        "tools[1]",
+        "'file_search'",
+    ),
+    (_item(type="item_reference", id="msg_1"), ("input", 0), ITEM_KINDS, "input", "'item_reference'"),
+    (
+        _item(type="computer_call_output", call_id="c"),
+        ("input", 0),
+        ITEM_KINDS,
+        "input",
+        "'computer_call_output'",
+    ),
+    (_item(role="tool", content="x"), ("input", 0), ITEM_KINDS, "input[0]", "role"),
+    (
+        _item(role="user", content=[{"type": "input_image", "file_id": "file-1", "detail": "auto"}]),
+        ("input", 0, "content", 0, "image_url"),
+        "Field required",
+        "input[0].content[0]",
+        "`file_id` is not supported",
+    ),
+    (
+        _item(role="user", content=[{"type": "input_file", "file_id": "f"}]),
+        ("input", 0, "content", 0),
+        "Input tag 'input_file' found",
+        "input[0].content[0]",
+        "'input_file'",
+    ),
+    (
+        _item(role="assistant", content=[{"type": "input_image", "image_url": IMAGE}]),
+        ("input", 0, "content", 0),
+        "expected tags: 'input_text', 'output_text', 'refusal'",
+        "input[0].content[0]",
+        "'input_image' is not supported in a assistant message",
+    ),
+    (
+        _item(type="function_call", call_id="c", name=5, arguments="{}"),
+        ("input", 0, "name"),
+        "Input should be a valid string",
+        "input[0]",
+        "string",
+    ),
+    (
+        _item(type="function_call_output", call_id="c", output=[{"type": "refusal", "refusal": "no"}]),
+        ("input", 0, "output", 0),
+        "Input tag 'refusal' found",
+        "input[0].output[0]",
+        "may only hold text",
+    ),
+    (
+        {"tool_choice": {"type": "web_search"}},
+        ("tool_choice", "type"),
+        "Input should be 'function'",
+        "tool_choice",
+        "function",
+    ),
+    (
+        {"text": {"format": {"type": "grammar"}}},
+        ("text", "format"),
+        "Input tag 'grammar' found",
+        "text.format",
+        "json_schema",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "loc", "says", "param", "refusal"), UNSERVED)
+def test_what_chat_cannot_express_is_outside_the_request_schema(
+    fields: dict[str, Any], loc: tuple[int | str, ...], says: str, param: str, refusal: str
+) -> None:
+    body = {"model": "auto", "input": "x", **fields}
+    # The published schema does not admit it, so no schema-valid request meets a refusal ...
+    assert not _documented(body)
+    # ... and validation refuses it, naming the field as the client wrote it (no union member tags).
+    with pytest.raises(ValidationError) as invalid:
+        ResponsesRequest.model_validate(body)
+    first = invalid.value.errors(include_url=False)[0]
+    assert first["loc"] == loc
+    assert says in first["msg"]
+    # The translation still refuses such a payload rather than losing part of it.
     with pytest.raises(InvalidRequest) as err:
-        VIA.request({"model": "auto", "input": "x", **payload})
+        VIA.request(body)
     assert err.value.status_code == 400
     assert err.value.param == param
-    assert words in err.value.message
+    assert refusal in err.value.message
+
+
+def test_stored_prompts_are_refused_by_the_translation_too() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        VIA.request({"model": "auto", "input": "x", "prompt": {"id": "pmpt_1"}})
+    assert (err.value.param, err.value.status_code) == ("prompt", 400)
+
+
+def test_input_without_a_chat_message_is_sent_on() -> None:
+    """Reasoning items alone, or no items: valid, so the upstream decides, not the gateway."""
+    reasoning = {"type": "reasoning", "id": "rs_1", "summary": []}
+    for body, messages in (
+        ({"model": "auto", "input": []}, []),
+        ({"model": "auto", "input": [reasoning]}, []),
+        (
+            {"model": "auto", "instructions": "Be brief.", "input": [reasoning]},
+            [{"role": "system", "content": "Be brief."}],
+        ),
+    ):
+        assert _documented(body)
+        ResponsesRequest.model_validate(body)
+        assert VIA.request(body) == {"messages": messages}
+        assert FMT.prompt(body).chars == sum(len(m["content"]) for m in messages)
+
+
+def test_every_schema_valid_shape_is_translated() -> None:
+    """Optional and null fields, every part and item type: valid, so they are served."""
+    body: dict[str, Any] = {
+        "model": "auto",
+        "max_output_tokens": 16,
+        "input": [
+            {"type": None, "role": "system", "content": [{"type": "input_text", "text": "Rules."}]},
+            {
+                "type": "message",
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": IMAGE, "detail": None, "file_id": None},
+                    {"type": "output_text", "text": "quoted"},
+                    {"type": "refusal", "refusal": "no"},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+            {"type": "reasoning"},
+            {
+                "type": "function_call_output",
+                "call_id": "c",
+                "output": [{"type": "output_text", "text": "a"}, {"type": "input_text", "text": "b"}],
+            },
+        ],
+        "tools": [{"type": "function", "name": "f", "description": None, "parameters": None, "strict": None}],
+        "tool_choice": {"type": "function", "name": "f"},
+        "text": {"format": None, "verbosity": "low"},
+    }
+    assert _documented(body)
+    ResponsesRequest.model_validate(body)
+    assert VIA.request(body) == {
+        "messages": [
+            {"role": "system", "content": "Rules."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": IMAGE}},
+                    {"type": "text", "text": "quoted"},
+                    {"type": "text", "text": "no"},
+                ],
+            },
+            {"role": "assistant", "content": "I cannot."},
+            {"role": "tool", "tool_call_id": "c", "content": "ab"},
+        ],
+        "max_tokens": 16,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "verbosity": "low",
+    }
+
+
+def test_input_must_be_a_string_or_items() -> None:
+    for value, loc, says in (
+        (5, ("input",), "Input should be a string or a list of input items"),
+        ({"role": "user", "content": "x"}, ("input",), "Input should be a string or a list of input items"),
+        ([{"role": "user", "content": 5}], ("input", 0, "content"), "a string or a list of content parts"),
+        ([{"type": 5}], ("input", 0), ITEM_KINDS),
+        ([{"type": {}}], ("input", 0), ITEM_KINDS),
+        (["x"], ("input", 0), ITEM_KINDS),
+    ):
+        body: dict[str, Any] = {"model": "auto", "input": value}
+        assert not _documented(body)
+        with pytest.raises(ValidationError) as invalid:
+            ResponsesRequest.model_validate(body)
+        errors = invalid.value.errors(include_url=False)
+        assert len(errors) == 1 and errors[0]["loc"] == loc and says in errors[0]["msg"]
 
 
 # --- answers: chat completions back into Response objects -----------------------------
