@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 __all__ = [
+    "whole_number",
     "answer_well_shaped",
     "chunk_well_shaped",
     "ChatCompletionRequest",
@@ -29,7 +30,8 @@ MAX_N = 16
 MAX_TOKENS = 10_000_000
 
 
-def _whole_number(value: Any) -> Any:
+def whole_number(value: Any) -> Any:
+    """16.0 as 16 (JSON has one number type); anything else as it is, for the validator to judge."""
     # JSON has one number type: 16.0 is a valid integer in JSON Schema, "16" is not.
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -38,13 +40,13 @@ def _whole_number(value: Any) -> Any:
 
 TokenCount = Annotated[
     int,
-    BeforeValidator(_whole_number),
+    BeforeValidator(whole_number),
     Field(ge=1, le=MAX_TOKENS),
     WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_TOKENS}),
 ]
 ChoiceCount = Annotated[
     int,
-    BeforeValidator(_whole_number),
+    BeforeValidator(whole_number),
     Field(ge=1, le=MAX_N),
     WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_N}),
 ]

@@ -127,12 +127,14 @@ def _validation_error(exc: ValidationError, payload: Any) -> InvalidRequest:
 def _in_body(loc: tuple[int | str, ...], payload: Any) -> str | None:
     parts: list[str] = []
     node = payload
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(node, dict):
-            parts.append(str(part))
-            if part not in node:
-                break  # a missing field: named, and nothing below it exists
-            node = node[part]
+            if part in node:
+                parts.append(str(part))
+                node = node[part]
+            elif i == len(loc) - 1:
+                parts.append(str(part))  # a missing field is always last in its location
+            # else: a union member's tag, not a field of the body
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             parts.append(str(part))
             node = node[part]

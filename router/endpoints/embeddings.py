@@ -19,7 +19,7 @@ from pydantic import (
 
 from router.accounting import Usage, usage_from_body
 from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat
-from router.protocol import OpenAIBaseModel, _whole_number
+from router.protocol import OpenAIBaseModel, whole_number
 from router.quality import Answer
 
 __all__ = ["EmbeddingRequest", "EmbeddingsFormat"]
@@ -28,7 +28,7 @@ __all__ = ["EmbeddingRequest", "EmbeddingsFormat"]
 MAX_INPUTS = 2048
 
 
-def _whole_numbers(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+def whole_numbers(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     # JSON has one number type: a token id may come as 16.0. A list of integers is checked at
     # native speed; only a list that failed (one holding such floats) is read again.
     try:
@@ -36,12 +36,12 @@ def _whole_numbers(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     except ValidationError:
         if not isinstance(value, list):
             raise
-        return handler([_whole_number(v) for v in value])
+        return handler([whole_number(v) for v in value])
 
 
 _DIMENSIONS = {"type": "integer", "minimum": 1}
 _Text = Annotated[str, Field(min_length=1)]
-_Tokens = Annotated[list[int], Field(min_length=1), WrapValidator(_whole_numbers)]
+_Tokens = Annotated[list[int], Field(min_length=1), WrapValidator(whole_numbers)]
 
 
 class EmbeddingRequest(OpenAIBaseModel):
@@ -57,7 +57,7 @@ class EmbeddingRequest(OpenAIBaseModel):
     model: str = Field(min_length=1)
     encoding_format: str | None = None
     dimensions: (
-        Annotated[int, BeforeValidator(_whole_number), Field(ge=1), WithJsonSchema(_DIMENSIONS)] | None
+        Annotated[int, BeforeValidator(whole_number), Field(ge=1), WithJsonSchema(_DIMENSIONS)] | None
     ) = None
 
 

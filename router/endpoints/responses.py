@@ -23,8 +23,8 @@ from typing_extensions import TypedDict
 from router.accounting import Usage
 from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, event_json
 from router.endpoints.chat import chat_prompt
-from router.endpoints.messages import forwarded, string_or, untagged
 from router.endpoints.responses_chat import ResponsesViaChat
+from router.endpoints.schema import forwarded, string_or, untagged
 from router.errors import InvalidRequest
 from router.protocol import OpenAIBaseModel, TokenCount
 from router.quality import Answer, logprob_values
