@@ -9,26 +9,12 @@ and never steers. Policies are picked by `routing.policy`, like scorers by
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
-from router.config import ApiName, Capability, Config, ModelConfig
-from router.routing import Decision, ThresholdPolicy
+from router.config import ApiName, Config, ModelConfig
+from router.routing import Decision, RequestContext, ThresholdPolicy
 
 __all__ = ["POLICIES", "RequestContext", "RoutingPolicy", "load_policy"]
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """Everything a policy may use to choose a model for one request."""
-
-    api: ApiName  # the wire format the client spoke
-    requested: str  # the request's `model`
-    override: str | None  # the x-triage-route header
-    score: float | None  # the complexity score, when the policy asked for one
-    needed_tokens: int  # estimated prompt tokens plus the completion budget
-    needs: frozenset[Capability]  # what the request needs of a model (images, tools, a schema)
-    key_name: str | None  # the caller's API key name
 
 
 class RoutingPolicy(Protocol):

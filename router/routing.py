@@ -1,6 +1,7 @@
-"""The threshold routing policy: from the requested `model`, an override header and a score to a model.
+"""Routing's vocabulary (reasons, the request context, the decision) and the threshold policy.
 
-The scorer only scores (`classifiers/`); this module only decides.
+The scorer only scores (`classifiers/`); a policy only decides. The seam a policy plugs
+into, and the registry, are in `router/policy.py`.
 """
 
 from __future__ import annotations
@@ -8,16 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from router.config import ApiName, Capability, Config, ModelConfig
 from router.controller import ShareController
 from router.errors import InvalidRequest, ModelNotAllowed, ModelNotFound
 
-if TYPE_CHECKING:
-    from router.policy import RequestContext
-
-__all__ = ["REASONS", "Decision", "Reason", "ThresholdPolicy"]
+__all__ = ["REASONS", "Decision", "Reason", "RequestContext", "ThresholdPolicy"]
 
 Reason = Literal["classifier", "pinned", "override", "context", "capability", "unscored", "fallback"]
 REASONS: tuple[Reason, ...] = (
@@ -43,6 +41,19 @@ class Decision:
     model: ModelConfig
     reason: Reason
     score: float | None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Everything a policy may use to choose a model for one request."""
+
+    api: ApiName  # the wire format the client spoke
+    requested: str  # the request's `model`
+    override: str | None  # the x-triage-route header
+    score: float | None  # the complexity score, when the policy asked for one
+    needed_tokens: int  # estimated prompt tokens plus the completion budget
+    needs: frozenset[Capability]  # what the request needs of a model (images, tools, a schema)
+    key_name: str | None  # the caller's API key name
 
 
 class ThresholdPolicy:
