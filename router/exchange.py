@@ -206,7 +206,9 @@ class Exchange:
         """
         m = self.gateway.metrics
         total = time.perf_counter() - self.started
-        m.requests.labels(model, reason, f"{status // 100}xx").inc()
+        status_class = f"{status // 100}xx"
+        m.requests.labels(model, reason, status_class).inc()
+        m.api_requests.labels(self.fmt.name, status_class).inc()
         m.request_duration.labels(model).observe(total)
         m.overhead.observe(max(total - self.upstream_s, 0.0))
         if ACCESS.isEnabledFor(logging.INFO):

@@ -23,6 +23,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from router.config import API_NAMES
+
 __all__ = [
     "FALLBACK_REASONS",
     "MULTIPROC_ENV",
@@ -204,6 +206,16 @@ class Metrics:
                 "triage_requests",
                 "Requests answered, by serving model, route reason and status class.",
                 ["model", "reason", "status_class"],
+                registry=registry,
+            ),
+            self._tallies,
+        )
+        self.api_requests = CounterFamily(
+            Counter(
+                "triage_api_requests",
+                "Requests answered, by the API the client spoke (chat, completions, responses, "
+                "messages, embeddings) and status class.",
+                ["api", "status_class"],
                 registry=registry,
             ),
             self._tallies,
@@ -505,6 +517,9 @@ class Metrics:
     def precreate(self, models: Iterable[str], reasons: Iterable[str]) -> None:
         """Create the known label sets so every series exists from the first scrape."""
         reasons = tuple(reasons)
+        for api in API_NAMES:
+            for status in STATUS_CLASSES:
+                self.api_requests.labels(api, status)
         for model in models:
             for reason in reasons:
                 self.routing_decisions.labels(model, reason)
