@@ -277,7 +277,7 @@ def create_app(
         methods=["POST"],
         openapi_extra=_body_schema(CountTokensRequest),
         responses={"4XX": _ANTHROPIC_ERROR, "5XX": _ANTHROPIC_ERROR},
-        summary="Estimate the input tokens of an Anthropic Messages request",
+        summary=_COUNT_TOKENS.summary,
     )
 
     @app.get(
@@ -384,18 +384,9 @@ def _add_model_route(app: FastAPI, fmt: WireFormat) -> None:
         methods=["POST"],
         openapi_extra=_body_schema(fmt.request_model),
         responses={"4XX": error, "5XX": error},
-        summary=_SUMMARIES[fmt.name],
+        summary=fmt.summary,
         name=f"create_{fmt.name}",
     )
-
-
-_SUMMARIES: dict[str, str] = {
-    "chat": "Create a chat completion (routed)",
-    "completions": "Create a text completion (routed)",
-    "responses": "Create a model response, OpenAI Responses API (routed)",
-    "messages": "Create a message, Anthropic Messages API (routed)",
-    "embeddings": "Create embeddings (passed to the embedding model)",
-}
 
 
 _COUNT_TOKENS = CountTokensFormat()

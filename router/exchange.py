@@ -114,9 +114,7 @@ class Exchange:
     def body_for(self, model: ModelConfig, leg: Leg) -> bytes:
         """The upstream request body for one model."""
         logprobs = (
-            self.checks_apply(model)
-            and model.checks.min_mean_logprob is not None
-            and leg.wire.name in ("chat", "completions")
+            self.checks_apply(model) and model.checks.min_mean_logprob is not None and leg.wire.logprobs
         )
         payload = self.upstream_payload(leg)
         self.strip_logprobs = logprobs and not payload.get("logprobs")

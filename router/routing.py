@@ -13,6 +13,7 @@ from typing import Literal
 
 from router.config import ApiName, Capability, Config, ModelConfig
 from router.controller import ShareController
+from router.endpoints import FORMATS
 from router.errors import InvalidRequest, ModelNotAllowed, ModelNotFound
 
 __all__ = ["REASONS", "Decision", "Reason", "RequestContext", "ThresholdPolicy"]
@@ -90,7 +91,7 @@ class ThresholdPolicy:
 
     def needs_score(self, requested: str, override: str | None, api: ApiName = "chat") -> bool:
         """Whether the decision depends on the classifier."""
-        if api == "embeddings":
+        if not FORMATS[api].scored:
             return False
         if override is not None and self.config.routing.allow_override_header:
             return False
@@ -109,7 +110,7 @@ class ThresholdPolicy:
     def serves(model: ModelConfig, api: ApiName) -> bool:
         """Whether the model answers this wire format, natively or translated to chat."""
         apis = model.apis
-        return api in apis or (api != "embeddings" and model.role != "embedding" and "chat" in apis)
+        return api in apis or (FORMATS[api].via_chat is not None and "chat" in apis)
 
     def _check_pin(self, model: ModelConfig, key_name: str | None, param: str) -> None:
         allowed = self._pinnable_by_key.get(key_name, self._pinnable) if key_name else self._pinnable
@@ -146,11 +147,11 @@ class ThresholdPolicy:
             return Decision(self._named(ctx.override, ctx, "x-triage-route", True), "override", ctx.score)
         if ctx.requested != self.config.routing.alias:
             return Decision(self._named(ctx.requested, ctx, "model", False), "pinned", ctx.score)
-        if ctx.api == "embeddings":
+        if not FORMATS[ctx.api].scored:
             for model in self._unscored:
                 if self.serves(model, ctx.api):
                     return Decision(model, "unscored", None)
-            raise ModelNotFound("No configured model serves embeddings.", param="model")
+            raise ModelNotFound(f"No configured model serves {ctx.api}.", param="model")
         score = ctx.score
         assert score is not None, "auto routing needs a score"
         decision = self._by_score(ctx, score)

@@ -22,6 +22,7 @@ import aiohttp
 
 from router.breaker import Breaker, State
 from router.config import ModelConfig, resolve_api_key
+from router.endpoints import FORMATS
 from router.errors import (
     Overloaded,
     UpstreamRedirect,
@@ -39,8 +40,6 @@ __all__ = ["Endpoint", "ModelPool", "SSEStream", "UpstreamReply"]
 # Response headers worth passing to the client; hop-by-hop and framing headers
 # are the gateway's own business.
 PASS_HEADERS = ("retry-after", "openai-processing-ms", "x-ratelimit-remaining-requests")
-# The Messages API version sent to upstreams that speak it (the one its SDKs send).
-ANTHROPIC_VERSION = "2023-06-01"
 # Connections beyond the slots, for readiness probes, which take no slot.
 _PROBE_CONNECTIONS = 2
 
@@ -171,11 +170,8 @@ class ModelPool:
         key = resolve_api_key(model)
         if key:
             headers["authorization"] = f"Bearer {key}"
-        if "messages" in model.apis:
-            # A server that speaks Anthropic's Messages API reads its key and version here.
-            headers["anthropic-version"] = ANTHROPIC_VERSION
-            if key:
-                headers["x-api-key"] = key
+        for api in sorted(model.apis):
+            headers.update(FORMATS[api].upstream_headers(key))
         self._headers = headers
         # `connect` would also cover the wait for a pooled connection, and a request
         # queued behind busy ones would be reported as a timed-out upstream: only the

@@ -168,6 +168,13 @@ class WireFormat:
     via_chat: ClassVar[Translation | None] = None
     # Whether the error envelope is OpenAI's (`{"error": {"message", "type", "param", "code"}}`).
     openai_errors: ClassVar[bool] = True
+    # Whether the gateway can ask an upstream in this format for token logprobs.
+    logprobs: ClassVar[bool] = False
+    summary: ClassVar[str] = ""  # the endpoint's one-line OpenAPI summary
+
+    def upstream_headers(self, api_key: str | None) -> dict[str, str]:
+        """Headers an upstream that speaks this format expects on every request."""
+        return {}
 
     # --- requests -------------------------------------------------------------------------
 

@@ -109,6 +109,7 @@ class _OpenAIFormat(WireFormat):
         return out
 
     _logprobs_on: Any = True
+    logprobs = True
 
     def wants_usage_event(self, payload: Mapping[str, Any]) -> bool:
         options = payload.get("stream_options")
@@ -160,6 +161,7 @@ class ChatFormat(_OpenAIFormat):
 
     name = "chat"
     path = "/v1/chat/completions"
+    summary = "Create a chat completion (routed)"
     upstream_path = "/chat/completions"
     request_model = ChatCompletionRequest
 
@@ -175,6 +177,7 @@ class CompletionsFormat(_OpenAIFormat):
 
     name = "completions"
     path = "/v1/completions"
+    summary = "Create a text completion (routed)"
     upstream_path = "/completions"
     request_model = CompletionRequest
     _logprobs_on = 1

@@ -75,6 +75,7 @@ class EmbeddingsFormat(WireFormat):
 
     name = "embeddings"
     path = "/v1/embeddings"
+    summary = "Create embeddings (passed to the embedding model)"
     upstream_path = "/embeddings"
     request_model = EmbeddingRequest
     scored = False

@@ -326,15 +326,27 @@ def _dict(obj: Any, key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# The Messages API version sent to upstreams that speak it (the one its SDKs send).
+ANTHROPIC_VERSION = "2023-06-01"
+
+
 class MessagesFormat(WireFormat):
     """`POST /v1/messages` (and the estimate `POST /v1/messages/count_tokens` answers with)."""
 
     name = "messages"
     path = "/v1/messages"
+    summary = "Create a message, Anthropic Messages API (routed)"
     upstream_path = "/messages"
     request_model: ClassVar[type[OpenAIBaseModel]] = MessagesRequest
     via_chat: ClassVar[MessagesViaChat] = MessagesViaChat()
     openai_errors = False
+
+    def upstream_headers(self, api_key: str | None) -> dict[str, str]:
+        # A server that speaks Messages reads its key and the API version here.
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        if api_key:
+            headers["x-api-key"] = api_key
+        return headers
 
     # --- requests -------------------------------------------------------------------------
 
@@ -495,4 +507,5 @@ class CountTokensFormat(MessagesFormat):
     """
 
     path = "/v1/messages/count_tokens"
+    summary = "Estimate the input tokens of an Anthropic Messages request"
     request_model = CountTokensRequest

@@ -311,6 +311,7 @@ class ResponsesFormat(WireFormat):
 
     name = "responses"
     path = "/v1/responses"
+    summary = "Create a model response, OpenAI Responses API (routed)"
     upstream_path = "/responses"
     request_model = ResponsesRequest
     via_chat = _VIA_CHAT
