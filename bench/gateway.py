@@ -108,17 +108,18 @@ class Settings:
 # --- Triage -------------------------------------------------------------------
 
 
-def _repo_config() -> dict[str, Any]:
-    raw = yaml.safe_load((REPO / "config.yaml").read_text()) or {}
+def _repo_config(checkout: Path) -> dict[str, Any]:
+    raw = yaml.safe_load((checkout / "config.yaml").read_text()) or {}
     return raw if isinstance(raw, dict) else {}
 
 
-def triage_config(upstream: str, port: int, cascade: bool) -> dict[str, Any]:
-    """One student and the teacher, both on the canned upstream; classifier from config.yaml."""
-    repo = _repo_config()
+def triage_config(upstream: str, port: int, cascade: bool, checkout: Path = REPO) -> dict[str, Any]:
+    """One student and the teacher, both on the canned upstream; the checkout's own classifier
+    and prices from its config.yaml (a baseline runs with the classifier it shipped)."""
+    repo = _repo_config(checkout)
     classifier = dict(repo.get("classifier") or {"kind": "heuristic"})
     if classifier.get("path") and not Path(classifier["path"]).is_absolute():
-        classifier["path"] = str((REPO / classifier["path"]).resolve())
+        classifier["path"] = str((checkout / classifier["path"]).resolve())
     prices = {m.get("name"): m.get("price") for m in repo.get("models") or [] if isinstance(m, dict)}
     student: dict[str, Any] = {
         "name": STUDENT,
@@ -172,7 +173,7 @@ class Triage:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(triage_config(upstream, self.port, cascade)))
+        self.config_path.write_text(yaml.safe_dump(triage_config(upstream, self.port, cascade, repo)))
         self.log_path = workdir / f"{name}.log"
         # `python -m router` from this folder runs its code (a baseline worktree's, say).
         self.repo = repo

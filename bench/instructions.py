@@ -36,7 +36,7 @@ def _count(repo: Path, upstream: str, tmp: Path, name: str, api: str, requests: 
     """Instructions per request of one checkout's `triage serve` (routing mode, cascade off)."""
     port = free_port()
     config = tmp / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(triage_config(upstream, port, False)))
+    config.write_text(yaml.safe_dump(triage_config(upstream, port, False, repo)))
     out = tmp / f"{name}.callgrind"
     cmd = [
         "valgrind",
