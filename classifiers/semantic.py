@@ -16,7 +16,6 @@ C-level sum.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from itertools import chain
 
@@ -34,7 +33,6 @@ F64 = npt.NDArray[np.float64]
 # instead ("a\x0cb" is one word to BERT): they are dropped before splitting.
 DELETED_SPACES = "\x0b\x0c\x1c\x1d\x1e\x1f\x85"
 _DELETE = str.maketrans("", "", DELETED_SPACES)
-_HAS_DELETED = re.compile(f"[{DELETED_SPACES}]")
 # The cache starts over past this many chunks, and longer chunks are never cached, so its
 # memory stays bounded whatever clients send (about 30 MB at the bound).
 CACHE_ENTRIES = 200_000
@@ -53,8 +51,11 @@ def encodable(text: str) -> str:
 def split_chunks(text: str) -> list[str]:
     """Whitespace chunks of the clipped text, as BERT's pre-tokenizer would see them."""
     text = clip(text)
-    if _HAS_DELETED.search(text):
-        text = text.translate(_DELETE)
+    for char in DELETED_SPACES:
+        # Seven substring scans cost a tenth of one regex character-class search.
+        if char in text:
+            text = text.translate(_DELETE)
+            break
     return text.split()
 
 
