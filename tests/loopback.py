@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import uvicorn
+import yaml
 from starlette.types import ASGIApp
 
 from router.app import TriageApp
@@ -124,3 +125,15 @@ class ServeProcess:
 
     proc: subprocess.Popen[bytes]
     url: str
+
+
+@contextmanager
+def serving(raw: Mapping[str, object], folder: Path) -> Iterator[str]:
+    """`triage serve` on a config dict (written to `folder`); yields its URL, checks a clean stop."""
+    cfg = folder / "config.yaml"
+    cfg.write_text(yaml.safe_dump(dict(raw)))
+    with triage_process(cfg) as served:
+        yield served.url
+        served.proc.terminate()
+        # uvicorn shuts down gracefully, then re-raises SIGTERM so supervisors see it.
+        assert served.proc.wait(10) in (0, -signal.SIGTERM)

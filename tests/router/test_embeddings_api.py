@@ -7,17 +7,16 @@ their own cost, since there is no teacher to save against.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from typing import Any
 
 import httpx2 as httpx
 import openai
 import pytest
-import yaml
 
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_config
-from tests.loopback import triage_process
+from tests.loopback import serving
+from tests.router.test_responses_api import sdk
 
 EMBEDDER = "embedder"
 
@@ -40,16 +39,8 @@ def embedding_config(urls: dict[str, str]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def triage_serve(_upstream_servers: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One `triage serve` process for the module, in front of the session's fake upstreams."""
-    cfg = tmp_path_factory.mktemp("embeddings") / "config.yaml"
-    cfg.write_text(yaml.safe_dump(embedding_config(_upstream_servers.urls)))
-    with triage_process(cfg) as served:
-        yield served.url
-        served.proc.terminate()
-        assert served.proc.wait(10) in (0, -signal.SIGTERM)
-
-
-def sdk(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="any", max_retries=0)
+    with serving(embedding_config(_upstream_servers.urls), tmp_path_factory.mktemp("embeddings")) as url:
+        yield url
 
 
 def test_auto_and_named_embedding_model(triage_serve: str, upstreams: Upstreams) -> None:

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.conftest import GatewayFactory, Upstreams, base_config
-from tests.loopback import serve, triage_process
+from tests.loopback import serve, serving, triage_process
 
 SMALL_TEXT = "small-0 small-1 small-2 small-3 small-4 "
 TEACHER_TEXT = "teacher-0 teacher-1 teacher-2 teacher-3 teacher-4 "
@@ -64,11 +64,8 @@ def write_config(path: Path, raw: dict[str, Any]) -> Path:
 @pytest.fixture(scope="module")
 def gateway_url(_upstream_servers: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One `triage serve` on the three-model config for the module (metrics are read as deltas)."""
-    cfg = write_config(
-        tmp_path_factory.mktemp("messages") / "config.yaml", base_config(_upstream_servers.urls)
-    )
-    with triage_process(cfg) as served:
-        yield served.url
+    with serving(base_config(_upstream_servers.urls), tmp_path_factory.mktemp("messages")) as url:
+        yield url
 
 
 Connect = Callable[..., anthropic.Anthropic]

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-import yaml
 
 from tests.conftest import Upstreams, base_config
-from tests.loopback import triage_process
+from tests.loopback import serving
 
 
 @pytest.fixture
 def triage_serve(upstreams: Upstreams, tmp_path: Path) -> Iterator[str]:
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(base_config(upstreams.urls)))
-    with triage_process(cfg) as served:
-        yield served.url
-        served.proc.terminate()
-        # uvicorn shuts down gracefully, then re-raises SIGTERM so supervisors see it.
-        assert served.proc.wait(10) in (0, -signal.SIGTERM)
+    with serving(base_config(upstreams.urls), tmp_path) as url:
+        yield url
 
 
 def test_openai_sdk_unchanged(triage_serve: str) -> None:

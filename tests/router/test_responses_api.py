@@ -8,7 +8,6 @@ chat completions, so the gateway translates; one config gives a student a native
 
 from __future__ import annotations
 
-import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import openai
 import orjson
 import pytest
-import yaml
 from langchain_openai import ChatOpenAI
 from openai.types.responses import FunctionToolParam, ResponseFunctionToolCall, ResponseInputParam
 from starlette.applications import Starlette
@@ -25,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_config
-from tests.loopback import serve, triage_process
+from tests.loopback import serve, serving
 
 SMALL_TEXT = "small-0 small-1 small-2 small-3 small-4 "
 TEACHER_TEXT = "teacher-0 teacher-1 teacher-2 teacher-3 teacher-4 "
@@ -59,12 +57,8 @@ TEXT_EVENTS = [
 @pytest.fixture(scope="module")
 def triage_serve(_upstream_servers: Upstreams, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One `triage serve` process for the module, in front of the session's fake upstreams."""
-    cfg = tmp_path_factory.mktemp("responses") / "config.yaml"
-    cfg.write_text(yaml.safe_dump(base_config(_upstream_servers.urls)))
-    with triage_process(cfg) as served:
-        yield served.url
-        served.proc.terminate()
-        assert served.proc.wait(10) in (0, -signal.SIGTERM)
+    with serving(base_config(_upstream_servers.urls), tmp_path_factory.mktemp("responses")) as url:
+        yield url
 
 
 def sdk(url: str) -> openai.OpenAI:

@@ -13,8 +13,8 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from openai.types.responses import FunctionToolParam, ResponseStreamEvent
 from openai.types.responses import Response as SDKResponse
+from openai.types.responses import ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,19 +27,13 @@ from router.endpoints.responses import ResponsesFormat, ResponsesRequest
 from router.endpoints.responses_chat import ResponsesViaChat
 from router.errors import InvalidRequest
 from tests.loopback import serve
+from tests.router.test_responses_api import WEATHER_TOOL
 
 FMT = ResponsesFormat()
 VIA = ResponsesViaChat()
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
 IMAGE = "data:image/png;base64,iVBORw0KGgo="
-WEATHER_TOOL: FunctionToolParam = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    "strict": True,
-}
 CHAT_TEXT = {
     "id": "chatcmpl-1",
     "object": "chat.completion",
