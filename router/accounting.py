@@ -14,7 +14,7 @@ from typing import Any, TypeGuard
 from router.config import Config
 from router.metrics import Metrics
 
-__all__ = ["Accountant", "Usage", "usage_from_body"]
+__all__ = ["Accountant", "Usage", "counted_usage", "token_count", "usage_from_body"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,20 +26,22 @@ class Usage:
     estimated: bool = False
 
 
-def _usage(obj: Any) -> Usage | None:
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
+def counted_usage(usage: Any, prompt_key: str, completion_key: str) -> Usage | None:
+    """The usage in a `usage` object whose counts are under these keys (any JSON is safe here).
+
+    Chat says `prompt_tokens`/`completion_tokens`, Responses and Messages `input_tokens`/`output_tokens`.
+    """
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
-    if _count(prompt) and _count(completion):
+    prompt = usage.get(prompt_key)
+    completion = usage.get(completion_key, 0)
+    if token_count(prompt) and token_count(completion):
         return Usage(max(prompt, 0), max(completion, 0))
     return None
 
 
-def _count(value: Any) -> TypeGuard[int]:
+def token_count(value: Any) -> TypeGuard[int]:
+    """Whether a value is a plausible token count."""
     # A bool is not a token count, and a count past 2**53 is not a real one (and
     # would lose precision, or overflow, in the float cost arithmetic).
     return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
@@ -47,7 +49,8 @@ def _count(value: Any) -> TypeGuard[int]:
 
 def usage_from_body(parsed: Any) -> Usage | None:
     """`usage` of a parsed answer or stream chunk, when it carries one (any JSON is safe here)."""
-    return _usage(parsed)
+    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    return counted_usage(usage, "prompt_tokens", "completion_tokens")
 
 
 class Accountant:

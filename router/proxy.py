@@ -54,7 +54,8 @@ from router.upstream import ModelPool, UpstreamReply
 __all__ = ["error_response", "handle_completion", "read_request"]
 
 _REQUEST_ID_MAX = 128
-_WHOLE_NUMBERS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n")
+# Integer fields of any format: JSON may write them as 16.0, forwarded and counted as 16.
+_WHOLE_NUMBERS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "top_k", "dimensions")
 # The encoder that re-serialises a body for the upstream stops at this depth; deeper
 # bodies are refused up front. Only a body with more brackets can nest that deep.
 _ENCODER_MAX_DEPTH = 254

@@ -17,7 +17,7 @@ from pydantic import (
     WrapValidator,
 )
 
-from router.accounting import Usage, usage_from_body
+from router.accounting import Usage, counted_usage
 from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat
 from router.protocol import OpenAIBaseModel, whole_number
 from router.quality import Answer
@@ -83,15 +83,6 @@ class EmbeddingsFormat(WireFormat):
     def prompt(self, payload: dict[str, Any]) -> Prompt:
         return Prompt(text="", chars=_chars(payload["input"]))
 
-    def upstream_payload(
-        self, payload: dict[str, Any], upstream_model: str, logprobs: bool
-    ) -> dict[str, Any]:
-        out = dict(payload)
-        out["model"] = upstream_model
-        if isinstance(out.get("dimensions"), float):  # 256.0 passed validation as the whole number 256
-            out["dimensions"] = int(out["dimensions"])
-        return out
-
     def wants_stream(self, payload: Any) -> bool:
         return False
 
@@ -105,11 +96,8 @@ class EmbeddingsFormat(WireFormat):
         return Answer()
 
     def usage(self, parsed: Any) -> Usage | None:
-        if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
-            usage = dict(parsed["usage"])
-            usage.setdefault("completion_tokens", 0)
-            return usage_from_body({"usage": usage})
-        return None
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        return counted_usage(usage, "prompt_tokens", "completion_tokens")  # no completion: 0
 
     def decode_event(self, event: bytes) -> Any:
         raise Malformed  # embeddings never stream

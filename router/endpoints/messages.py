@@ -18,7 +18,7 @@ Errors: https://docs.anthropic.com/en/api/errors
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, NotRequired, TypeGuard
+from typing import Annotated, Any, ClassVar, Literal, NotRequired
 
 import orjson
 from pydantic import (
@@ -27,7 +27,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from router.accounting import Usage
+from router.accounting import Usage, token_count
 from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, event_json
 from router.endpoints.chat import chat_prompt
 from router.endpoints.messages_chat import MessagesViaChat
@@ -290,11 +290,6 @@ def _is_anthropic_error(parsed: Any) -> bool:
     )
 
 
-def _count(value: Any) -> TypeGuard[int]:
-    # As router.accounting counts: a bool is not a token count, nor is anything past 2**53.
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
-
-
 def _json(value: Any) -> str:
     # Parsed JSON can still fail to serialise: an integer past 64 bits, nesting past orjson's limit.
     try:
@@ -312,11 +307,11 @@ def _finish(reason: Any) -> str | None:
 def _prompt_tokens(usage: dict[str, Any]) -> int | None:
     """input + cache creation + cache reads (Messages reports the three apart); None without input."""
     total = usage.get("input_tokens")
-    if not _count(total):
+    if not token_count(total):
         return None
     for key in ("cache_creation_input_tokens", "cache_read_input_tokens"):
         extra = usage.get(key)
-        if _count(extra):  # null when the request used no cache
+        if token_count(extra):  # null when the request used no cache
             total += extra
     return max(total, 0)
 
@@ -355,16 +350,6 @@ class MessagesFormat(WireFormat):
         # whichever format the upstream speaks; `max_tokens` becomes the budget there.
         return chat_prompt(self.via_chat.request(payload))
 
-    def upstream_payload(
-        self, payload: dict[str, Any], upstream_model: str, logprobs: bool
-    ) -> dict[str, Any]:
-        """The request as sent, for the upstream's model name. Messages has no logprobs to ask for."""
-        out = dict(payload)
-        out["model"] = upstream_model
-        if isinstance(out.get("top_k"), float):  # 40.0 passed validation as the whole number 40
-            out["top_k"] = int(out["top_k"])
-        return out
-
     # --- answers --------------------------------------------------------------------------
 
     def well_shaped(self, parsed: Any) -> bool:
@@ -398,7 +383,7 @@ class MessagesFormat(WireFormat):
         usage = _dict(parsed, "usage")
         prompt = _prompt_tokens(usage)
         completion = usage.get("output_tokens", 0)
-        if prompt is None or not _count(completion):
+        if prompt is None or not token_count(completion):
             return None
         return Usage(prompt, max(completion, 0))
 
@@ -437,14 +422,14 @@ class MessagesFormat(WireFormat):
             output = usage.get("output_tokens", 0)
             if prompt is None:
                 return so_far
-            return Usage(prompt, max(output, 0) if _count(output) else 0)
+            return Usage(prompt, max(output, 0) if token_count(output) else 0)
         if kind == "message_delta":
             usage = _dict(obj, "usage")
             prompt = _prompt_tokens(usage)
             if prompt is None:
                 prompt = so_far.prompt_tokens if so_far is not None else None
             output = usage.get("output_tokens")
-            if not _count(output):
+            if not token_count(output):
                 output = so_far.completion_tokens if so_far is not None else 0
             return Usage(prompt, max(output, 0)) if prompt is not None else so_far
         return so_far

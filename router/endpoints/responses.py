@@ -14,13 +14,13 @@ stream events https://platform.openai.com/docs/api-reference/responses-streaming
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, NotRequired, TypeGuard
+from typing import Annotated, Any, Literal, NotRequired
 
 import orjson
 from pydantic import Discriminator, Field, Tag, WithJsonSchema
 from typing_extensions import TypedDict
 
-from router.accounting import Usage
+from router.accounting import Usage, counted_usage
 from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, event_json
 from router.endpoints.chat import chat_prompt
 from router.endpoints.responses_chat import ResponsesViaChat
@@ -279,19 +279,8 @@ class ResponsesRequest(OpenAIBaseModel):
     tools: list[FunctionTool] | None = None
 
 
-def _count(value: Any) -> TypeGuard[int]:
-    # As accounting reads chat usage: a bool is not a token count, and one past 2**53 is not real.
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
-
-
 def _usage(usage: Any) -> Usage | None:
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("input_tokens")
-    completion = usage.get("output_tokens", 0)
-    if _count(prompt) and _count(completion):
-        return Usage(max(prompt, 0), max(completion, 0))
-    return None
+    return counted_usage(usage, "input_tokens", "output_tokens")
 
 
 def _finish(response: Any, calls: bool) -> str:

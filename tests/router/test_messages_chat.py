@@ -39,6 +39,7 @@ from router.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from router.proxy import _parse as read_body
 from tests.loopback import serve
 
 FMT = MessagesFormat()
@@ -509,8 +510,8 @@ def test_every_schema_valid_shape_is_translated() -> None:
     assert chat["tools"] == [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     ]
-    # A native upstream gets the integer the request meant.
-    sent = FMT.upstream_payload(body, "claude", False)
+    # A native upstream gets the integer the request meant (the gateway reads whole numbers as such).
+    sent = FMT.upstream_payload(read_body(orjson.dumps(body), FMT, 100_000), "claude", False)
     assert sent["top_k"] == 40 and type(sent["top_k"]) is int
     assert body["top_k"] == 40.0
     with pytest.raises(ValidationError):
