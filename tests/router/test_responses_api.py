@@ -40,6 +40,19 @@ WEATHER_CALL = {
     "type": "function",
     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
 }
+# A one-message answer streamed in two text deltas, as the Responses API sends it.
+TWO_DELTA_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
 # Every event of a translated one-message answer, in order (the fake streams five words).
 TEXT_EVENTS = [
     "response.created",
@@ -251,6 +264,19 @@ def test_refusal_escalates_to_teacher(upstreams: Upstreams, make_gateway: Gatewa
     assert len(upstreams.small.requests) == 2 and len(upstreams.teacher.requests) == 2
 
 
+def _two_served(prompt: int, completion: int) -> dict[str, Any]:
+    """What two classifier-routed answers of these sizes add to student-small's counters."""
+    return {
+        "requests": 2,
+        "decisions": 2,
+        "prompt": 2 * prompt,
+        "completion": 2 * completion,
+        "cost": pytest.approx(2 * usd(prompt, completion, 0.1, 0.2)),
+        "teacher_cost": pytest.approx(2 * usd(prompt, completion, 3.0, 15.0)),
+        "scored": 2,
+    }
+
+
 def _served_counts(gw: Gateway, model: str) -> dict[str, float]:
     return {
         "requests": gw.metric(
@@ -275,15 +301,7 @@ def test_metrics_and_cost_follow_the_served_model(upstreams: Upstreams, make_gat
         after = _served_counts(gw, "student-small")
         untouched = _served_counts(gw, "teacher")
     moved = {k: after[k] - before[k] for k in after}
-    assert moved == {
-        "requests": 2,
-        "decisions": 2,
-        "prompt": 22,
-        "completion": 6,
-        "cost": pytest.approx(2 * usd(11, 3, 0.1, 0.2)),
-        "teacher_cost": pytest.approx(2 * usd(11, 3, 3.0, 15.0)),
-        "scored": 2,
-    }
+    assert moved == _two_served(11, 3)
     assert untouched["requests"] == untouched["cost"] == 0
 
 
@@ -419,18 +437,7 @@ def test_native_responses_upstream_gets_the_request_unchanged(
                 "input": [{"role": "user", "content": "hi"}],
                 "stream": True,
             }
-            assert [e.type for e in events] == [
-                "response.created",
-                "response.in_progress",
-                "response.output_item.added",
-                "response.content_part.added",
-                "response.output_text.delta",
-                "response.output_text.delta",
-                "response.output_text.done",
-                "response.content_part.done",
-                "response.output_item.done",
-                "response.completed",
-            ]
+            assert [e.type for e in events] == TWO_DELTA_EVENTS
             final = events[-1]
             assert final.type == "response.completed"
             assert final.response.id == "resp_native"
@@ -439,15 +446,7 @@ def test_native_responses_upstream_gets_the_request_unchanged(
     assert len(received) == 2
     assert upstreams.small.requests == []  # the chat-only fake was never asked
     moved = {k: after[k] - before[k] for k in after}
-    assert moved == {
-        "requests": 2,
-        "decisions": 2,
-        "prompt": 14,
-        "completion": 6,
-        "cost": pytest.approx(2 * usd(7, 3, 0.1, 0.2)),
-        "teacher_cost": pytest.approx(2 * usd(7, 3, 3.0, 15.0)),
-        "scored": 2,
-    }
+    assert moved == _two_served(7, 3)
 
 
 # --- LangChain -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from router.endpoints.responses import ResponsesFormat, ResponsesRequest
 from router.endpoints.responses_chat import ResponsesViaChat
 from router.errors import InvalidRequest
 from tests.loopback import serve
-from tests.router.test_responses_api import WEATHER_TOOL
+from tests.router.test_responses_api import TWO_DELTA_EVENTS, WEATHER_TOOL
 
 FMT = ResponsesFormat()
 VIA = ResponsesViaChat()
@@ -767,18 +767,7 @@ def _events(data: bytes) -> list[dict[str, Any]]:
 
 def test_text_stream_events() -> None:
     events = _events(_translate(TEXT_CHUNKS, Usage(12, 3)))
-    assert [e["type"] for e in events] == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-        "response.output_text.delta",
-        "response.output_text.delta",
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "response.completed",
-    ]
+    assert [e["type"] for e in events] == TWO_DELTA_EVENTS
     assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == ["Hel", "lo."]
     final = _valid(events[-1]["response"])
     assert final.output_text == "Hello."
