@@ -71,8 +71,6 @@ class Exchange:
     attempted: list[str] = field(default_factory=list)
     # The streaming response once one is built (it tells whether its pump started).
     response: Any = None
-    # The request as chat completions, for models that do not speak the client's format.
-    _as_chat: dict[str, Any] | None = None
 
     def leg(self, model: ModelConfig) -> Leg:
         """How `model` is asked for this request."""
@@ -107,9 +105,10 @@ class Exchange:
         """The request in the leg's wire format, before model-specific fields."""
         if leg.translation is None:
             return self.payload
-        if self._as_chat is None:
-            self._as_chat = leg.translation.request(self.payload)
-        return self._as_chat
+        prompt = self.prompt
+        if prompt.as_chat is None:  # (a format that did not read its prompt through chat)
+            prompt.as_chat = leg.translation.request(self.payload)
+        return prompt.as_chat
 
     def body_for(self, model: ModelConfig, leg: Leg) -> bytes:
         """The upstream request body for one model."""

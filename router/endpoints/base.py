@@ -61,6 +61,9 @@ class Prompt:
     budget: int = 0  # completion tokens the client allowed (0 when it set no limit)
     json_wanted: bool = False  # the client asked for JSON output
     json_schema: Mapping[str, Any] | None = None  # ... matching this schema
+    # The request as chat completions, when the format read it through its translation:
+    # a model that does not speak the format is sent this, translated once.
+    as_chat: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

@@ -348,7 +348,10 @@ class MessagesFormat(WireFormat):
     def prompt(self, payload: dict[str, Any]) -> Prompt:
         # Read through the chat translation, so a request is sized and scored the same
         # whichever format the upstream speaks; `max_tokens` becomes the budget there.
-        return chat_prompt(self.via_chat.request(payload))
+        as_chat = self.via_chat.request(payload)
+        prompt = chat_prompt(as_chat)
+        prompt.as_chat = as_chat
+        return prompt
 
     # --- answers --------------------------------------------------------------------------
 

@@ -335,7 +335,9 @@ class ResponsesFormat(WireFormat):
             )
 
     def prompt(self, payload: dict[str, Any]) -> Prompt:
-        prompt = chat_prompt(_VIA_CHAT.request(payload))
+        as_chat = _VIA_CHAT.request(payload)
+        prompt = chat_prompt(as_chat)
+        prompt.as_chat = as_chat
         budget = payload.get("max_output_tokens")
         prompt.budget = budget if isinstance(budget, int) and not isinstance(budget, bool) else 0
         return prompt
