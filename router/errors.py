@@ -49,6 +49,7 @@ __all__ = [
     "UpstreamTooLarge",
     "UpstreamUnavailable",
     "error_body",
+    "has_error_message",
     "map_upstream_errors",
     "safe_header_value",
 ]
@@ -216,14 +217,17 @@ class UpstreamStatus(UpstreamError):
             parsed: Any = orjson.loads(self.content)
         except orjson.JSONDecodeError:
             parsed = None
-        if _is_openai_error(parsed):
+        if has_error_message(parsed):
             return self.content
         return error_body(self.message, self.type, None, self.status_code)
 
 
-def _is_openai_error(parsed: Any) -> bool:
-    # openai-python reads `body["error"]` as an object with a string `message`
-    # (types/shared/error_object.py); anything else would surface as garbage.
+def has_error_message(parsed: Any) -> bool:
+    """Whether JSON carries an `error` object with a string `message`.
+
+    openai-python reads `body["error"]` so (types/shared/error_object.py), and Anthropic's
+    envelope has the same object; anything else would surface as garbage.
+    """
     if not isinstance(parsed, dict):
         return False
     error = parsed.get("error")

@@ -22,7 +22,7 @@ from router.accounting import Usage
 from router.config import ModelConfig
 from router.endpoints import WireFormat
 from router.endpoints.base import Malformed, StreamAnswer
-from router.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from router.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable, has_error_message
 from router.exchange import Exchange, Leg
 from router.logs import UPSTREAM, event
 from router.quality import check_answer
@@ -219,7 +219,7 @@ async def _pump(
             if obj is not None and wire.stream_error(obj):
                 status = 502
                 gw.metrics.upstream_errors.labels(model.name, "status").inc()
-                if translator is None and _passable(obj):
+                if translator is None and has_error_message(obj):
                     out.append(raw)  # already an error in the client's format: pass it on and stop
                 else:
                     out.append(
@@ -289,9 +289,3 @@ async def _pump(
         gw.metrics.upstream_duration.labels(model.name).observe(ex.upstream_s)
         ex.finish(model.name, reason, status, note=note)
         gw.leave()
-
-
-def _passable(obj: Any) -> bool:
-    """An error event whose `error` object has a message: readable by the client as it is."""
-    error = obj.get("error")
-    return isinstance(error, dict) and isinstance(error.get("message"), str)
