@@ -5,7 +5,7 @@ Adding an API means adding its module here and one line in `FORMATS`.
 
 from __future__ import annotations
 
-from router.config import API_NAMES, CAPABILITIES, ApiName, Capability
+from router.config import ApiName
 from router.endpoints.base import Prompt, WireFormat
 from router.endpoints.chat import ChatFormat, CompletionsFormat
 from router.endpoints.embeddings import EmbeddingsFormat
@@ -13,12 +13,8 @@ from router.endpoints.messages import MessagesFormat
 from router.endpoints.responses import ResponsesFormat
 
 __all__ = [
-    "API_NAMES",
     "BY_PATH",
-    "CAPABILITIES",
     "FORMATS",
-    "ApiName",
-    "Capability",
     "Prompt",
     "WireFormat",
 ]

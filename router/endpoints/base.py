@@ -23,15 +23,11 @@ import orjson
 from pydantic import BaseModel
 
 from router.accounting import Usage
-from router.config import API_NAMES, CAPABILITIES, ApiName, Capability
+from router.config import ApiName, Capability
 from router.errors import GatewayError
 from router.quality import Answer
 
 __all__ = [
-    "API_NAMES",
-    "CAPABILITIES",
-    "ApiName",
-    "Capability",
     "Malformed",
     "Prompt",
     "StreamAnswer",
@@ -39,7 +35,6 @@ __all__ = [
     "Translation",
     "WireFormat",
     "event_json",
-    "parse_sse_data",
 ]
 
 
@@ -123,7 +118,7 @@ class Translation(Protocol):
         ...
 
 
-def parse_sse_data(event: bytes) -> bytes | None:
+def _sse_data(event: bytes) -> bytes | None:
     """The joined `data:` lines of one server-sent event; None when it has none.
 
     Raises Malformed for a line that is neither data nor another SSE field.
@@ -147,7 +142,7 @@ def event_json(event: bytes) -> Any:
     Raises Malformed for an event that is not SSE or whose data is not JSON (or is `null`,
     which no format sends and which would read as "no data").
     """
-    data = parse_sse_data(event)
+    data = _sse_data(event)
     if data is None or data == b"[DONE]":
         return None
     try:

@@ -13,7 +13,8 @@ import orjson
 
 from classifiers import prompt_text
 from router.accounting import Usage, usage_from_body
-from router.endpoints.base import Capability, Malformed, Prompt, StreamAnswer, WireFormat, event_json
+from router.config import Capability
+from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, event_json
 from router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
