@@ -211,12 +211,16 @@ class UpstreamStatus(UpstreamError):
         """5xx and 429 may succeed elsewhere; other 4xx are the client's to fix."""
         return self.status_code >= 500 or self.status_code == 429
 
+    def parsed(self) -> Any:
+        """The upstream's body as JSON; None when it is not JSON."""
+        try:
+            return orjson.loads(self.content)
+        except orjson.JSONDecodeError:
+            return None
+
     def body(self) -> bytes:
         """The upstream's body when it is OpenAI-shaped; else the gateway's envelope."""
-        try:
-            parsed: Any = orjson.loads(self.content)
-        except orjson.JSONDecodeError:
-            parsed = None
+        parsed = self.parsed()
         if has_error_message(parsed):
             return self.content
         return error_body(self.message, self.type, None, self.status_code)

@@ -32,7 +32,7 @@ from router.endpoints.base import Malformed, Prompt, StreamAnswer, WireFormat, e
 from router.endpoints.chat import chat_prompt
 from router.endpoints.messages_chat import MessagesViaChat
 from router.endpoints.schema import WholeNumber, forwarded, string_or, untagged
-from router.errors import GatewayError, UpstreamStatus
+from router.errors import GatewayError, UpstreamStatus, has_error_message
 from router.protocol import OpenAIBaseModel, TokenCount
 from router.quality import Answer
 
@@ -471,15 +471,11 @@ class MessagesFormat(WireFormat):
         """
         message = exc.message
         if isinstance(exc, UpstreamStatus):
-            try:
-                parsed: Any = orjson.loads(exc.content)
-            except orjson.JSONDecodeError:
-                parsed = None
+            parsed = exc.parsed()
             if _is_anthropic_error(parsed):
                 return exc.content
-            inner = _dict(parsed, "error")
-            if isinstance(inner.get("message"), str):
-                message = inner["message"]
+            if has_error_message(parsed):
+                message = parsed["error"]["message"]
         return orjson.dumps(_envelope(_error_type(exc.status_code), message))
 
     def error_event(self, message: str, type_: str) -> bytes:
