@@ -80,10 +80,11 @@ class Accountant:
         pin, pout = self._teacher_price
         return usage.prompt_tokens * pin + usage.completion_tokens * pout
 
-    def record(self, model: str, usage: Usage, served: bool) -> float:
+    def record(self, model: str, usage: Usage, served: bool) -> tuple[float, float]:
         """Count one attempt's tokens and cost; `served` when its answer went to the client.
 
-        Returns the attempt's cost in USD.
+        Returns the attempt's cost in USD, and what a teacher-only deployment would have
+        paid for it (0 for an answer that was not served).
         """
         m = self._metrics
         est = "true" if usage.estimated else "false"
@@ -93,7 +94,9 @@ class Accountant:
         m.completion_tokens.labels(model, est).inc(usage.completion_tokens)
         cost = self.cost(model, usage)
         m.cost.labels(model).inc(cost)
-        if served:
-            pin, pout = self._equivalent[model]
-            m.teacher_cost.labels(model).inc(usage.prompt_tokens * pin + usage.completion_tokens * pout)
-        return cost
+        if not served:
+            return cost, 0.0
+        pin, pout = self._equivalent[model]
+        equivalent = usage.prompt_tokens * pin + usage.completion_tokens * pout
+        m.teacher_cost.labels(model).inc(equivalent)
+        return cost, equivalent

@@ -32,6 +32,7 @@ from router.logs import configure as configure_logs
 from router.logs import event
 from router.metrics import MULTIPROC_ENV, Metrics, exposition
 from router.proxy import CLIENT_GONE, error_response, handle_completion, read_request
+from router.records import Recorder
 from router.reload import Reloader, ReloadError
 from router.routing import REASONS
 from router.server import DISCONNECT_HOOK
@@ -235,6 +236,8 @@ def create_app(
         metrics.rejected.labels(code)
     if scorer is None:
         scorer = load_scorer(config.classifier.kind, config.classifier.path)
+    # One per process, across reloads: the recent requests and the sinks records go to.
+    recorder = Recorder()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -247,7 +250,7 @@ def create_app(
         # counting; at the default threshold (700) the young generation was collected every
         # couple of requests for almost nothing. Cycles still go within GC_YOUNG_THRESHOLD.
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        app.state.gateway = Gateway(config, scorer, metrics)
+        app.state.gateway = Gateway(config, scorer, metrics, recorder)
         _log_start(config)
         app.state.ready_at = 0.0
         reloader = Reloader(app, config_path, metrics)
@@ -275,6 +278,7 @@ def create_app(
         redoc_url=None,
     )
 
+    app.state.recorder = recorder
     for fmt in FORMATS.values():
         _add_model_route(app, fmt)
     app.add_api_route(

@@ -17,6 +17,7 @@ from router.endpoints.base import Translation
 from router.errors import GatewayError
 from router.gateway import Gateway
 from router.logs import ACCESS, UPSTREAM, event
+from router.records import RequestRecord
 from router.routing import Decision
 
 __all__ = ["Exchange", "Leg", "QualityFailure"]
@@ -71,6 +72,19 @@ class Exchange:
     attempted: list[str] = field(default_factory=list)
     # The streaming response once one is built (it tells whether its pump started).
     response: Any = None
+    # What the request's record says beyond the above (`router.records`).
+    arrived: float = 0.0  # unix time
+    threshold_factor: float = 1.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    teacher_cost_usd: float = 0.0
+    ttft_s: float | None = None
+    quality: str | None = None  # "passed", or the failed check
+    shadowed: bool = False
+    capture: bool = False  # the prompt and the answer go into the record
+    answer_text: str | None = None  # the served answer, when captured
+    finished: bool = False
 
     def leg(self, model: ModelConfig) -> Leg:
         """How `model` is asked for this request."""
@@ -168,7 +182,11 @@ class Exchange:
         """Count an attempt's tokens and cost, globally and against the client's key."""
         if not usage.estimated:
             usage = self.plausible(usage)
-        cost = self.gateway.accountant.record(model, usage, served)
+        cost, equivalent = self.gateway.accountant.record(model, usage, served)
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
+        self.cost_usd += cost
+        self.teacher_cost_usd += equivalent
         if self.key is not None:
             self.key.charge(usage.prompt_tokens + usage.completion_tokens, cost)
             self.gateway.metrics.key_cost.labels(self.key.name).inc(cost)
@@ -178,6 +196,7 @@ class Exchange:
         self.record(model.name, usage, served=False)
         self.gateway.metrics.fallbacks.labels(model.name, reason).inc()
         self.fallback_reason = reason
+        self.quality = reason
         event(
             UPSTREAM,
             logging.WARNING,
@@ -196,11 +215,14 @@ class Exchange:
     def finish(
         self, model: str, reason: str, status: int, *, answered: bool = True, note: str | None = None
     ) -> None:
-        """Count the request once its outcome is known, and write its access-log line.
+        """Count the request once its outcome is known, write its access-log line and its record.
 
         `answered` is False when `model` is only the last one tried (nobody answered);
         `note` says why a request failed.
         """
+        if self.finished:  # (a stream whose client left after its pump ended)
+            return
+        self.finished = True
         m = self.gateway.metrics
         total = time.perf_counter() - self.started
         status_class = f"{status // 100}xx"
@@ -229,3 +251,52 @@ class Exchange:
                 fallback=self.fallback_reason,
                 error=note,
             )
+        self.gateway.recorder.request(self._record(model if answered else None, reason, status, total, note))
+
+    def _record(
+        self, model: str | None, reason: str, status: int, total_s: float, note: str | None
+    ) -> RequestRecord:
+        requested = self.payload.get("model")
+        record = RequestRecord(
+            ts=self.arrived,
+            request_id=self.request_id,
+            key=None if self.key is None else self.key.name,
+            api=self.fmt.name,
+            requested=requested if isinstance(requested, str) else None,
+            model=model,
+            attempted=tuple(self.attempted),
+            reason=reason,
+            score=self.decision.score,
+            threshold_factor=self.threshold_factor,
+            status=status,
+            stream=self.stream,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cost_usd=self.cost_usd,
+            teacher_cost_usd=self.teacher_cost_usd,
+            latency_ms=total_s * 1000,
+            ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
+            upstream_ms=self.upstream_s * 1000,
+            fallback=self.fallback_reason,
+            error=note,
+            quality=self.quality,
+            shadowed=self.shadowed,
+        )
+        if self.capture:
+            record.captured = True
+            record.prompt = self.prompt.text
+            record.messages = self._chat_messages()
+            record.answer = self.answer_text
+        return record
+
+    def _chat_messages(self) -> list[dict[str, Any]] | None:
+        """The request as chat messages: as sent, or as translated to chat; None for other shapes."""
+        name = self.fmt.name
+        if name == "chat":
+            payload = self.payload
+        elif name in _VIA_CHAT:
+            payload = self.upstream_payload(_VIA_CHAT[name])
+        else:
+            return None
+        messages = payload.get("messages")
+        return messages if isinstance(messages, list) else None

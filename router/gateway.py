@@ -17,6 +17,7 @@ from router.logs import UPSTREAM, event
 from router.metrics import Level, Metrics
 from router.policy import RoutingPolicy, load_policy
 from router.quality import compile_refusals
+from router.records import Recorder
 from router.retry_budget import RetryBudget
 from router.shadow import Shadow
 from router.upstream import ModelPool
@@ -29,8 +30,12 @@ _STATE_VALUE: dict[State, int] = {"closed": 0, "half_open": 1, "open": 2}
 class Gateway:
     """Everything a request handler needs; one per running app."""
 
-    def __init__(self, config: Config, scorer: Scorer, metrics: Metrics) -> None:
+    def __init__(
+        self, config: Config, scorer: Scorer, metrics: Metrics, recorder: Recorder | None = None
+    ) -> None:
         self.config = config
+        # Kept across reloads (the app passes the same one), like the metrics.
+        self.recorder = recorder if recorder is not None else Recorder()
         # Completion requests in progress in this process. A reload builds a new Gateway
         # on the same Metrics, hence the same level, so the limit
         # (`server.max_inflight_requests`) counts every request still running.
@@ -71,6 +76,7 @@ class Gateway:
             self.pools[self.teacher.name],
             metrics,
             self.accountant,
+            self.recorder,
         )
         target = config.routing.target_student_share
         metrics.student_share_target.set(target if target is not None else math.nan)

@@ -41,6 +41,11 @@ class RoutingPolicy(Protocol):
         """The share of scored requests recently sent to students."""
         ...
 
+    @property
+    def factor(self) -> float:
+        """The factor every student threshold is scaled by now (1 when nothing steers them)."""
+        ...
+
     def serves(self, model: ModelConfig, api: ApiName) -> bool:
         """Whether the model can answer this wire format (natively or through chat)."""
         ...

@@ -331,6 +331,9 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
         fallback_on=config.routing.fallback_to_teacher and not opted_out,
         escalation_budget_usd=budget_usd if budget_usd is not None else cascade.max_escalation_usd,
         key=key,
+        arrived=time.time() - (time.perf_counter() - started),
+        threshold_factor=policy.factor,
+        capture=bool(gw.recorder.sinks) and gw.recorder.wants_capture(),
     )
     request.scope[_EXCHANGE] = ex
     return await _serve(ex)
@@ -499,11 +502,16 @@ async def _json_attempt(ex: Exchange, pool: ModelPool, idx: int, model: ModelCon
         failed = check_answer(answer, model.checks, ex.prompt, gw.refusals[model.name])
         if failed is not None and ex.may_escalate(usage):
             raise ex.fail_quality(model, failed, usage)
+        ex.quality = "passed"
         if ex.strip_logprobs:
             wire.strip_logprobs(parsed)
             content = orjson.dumps(parsed)
         if gw.shadow.sample():
-            gw.shadow.start(model, wire, ex.upstream_payload(leg), answer.text, ex.request_id)
+            ex.shadowed = gw.shadow.start(
+                model, wire, ex.upstream_payload(leg), answer.text, ex.request_id, ex.capture
+            )
+    if ex.capture:
+        ex.answer_text = answer.text
     if leg.translation is not None:
         content = orjson.dumps(leg.translation.response(parsed, ex.payload, model.upstream_model))
     ex.record(model.name, usage, served=True)

@@ -66,7 +66,7 @@ class Reloader:
                 )
                 # Building the gateway reads the keys file and compiles patterns: anything
                 # wrong there rejects the file too, and the running gateway stays.
-                new = Gateway(config, scorer, self.metrics)
+                new = Gateway(config, scorer, self.metrics, old.recorder)
             except ConfigError as exc:
                 raise self._rejected(str(exc)) from None
             except Exception as exc:  # noqa: BLE001 - an unloadable classifier raises anything

@@ -106,6 +106,11 @@ class ThresholdPolicy:
         """The share of scored requests recently sent to students."""
         return self.controller.observed_share
 
+    @property
+    def factor(self) -> float:
+        """The share controller's factor on every student threshold."""
+        return self.controller.factor
+
     @staticmethod
     def serves(model: ModelConfig, api: ApiName) -> bool:
         """Whether the model answers this wire format, natively or translated to chat."""

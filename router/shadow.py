@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import re
+import time
 from typing import Any
 
 import orjson
@@ -22,6 +23,7 @@ from router.config import ModelConfig
 from router.endpoints.base import WireFormat
 from router.errors import Overloaded, UpstreamError, UpstreamStatus
 from router.metrics import Metrics
+from router.records import Recorder, ShadowRecord
 from router.upstream import ModelPool
 
 __all__ = ["Shadow", "agreement"]
@@ -69,6 +71,7 @@ class Shadow:
         teacher_pool: ModelPool,
         metrics: Metrics,
         accountant: Accountant,
+        recorder: Recorder | None = None,
         seed: int | None = None,
     ) -> None:
         self.rate = rate
@@ -79,6 +82,7 @@ class Shadow:
         self._pool = teacher_pool
         self._metrics = metrics
         self._accountant = accountant
+        self._recorder = recorder
         self._random = random.Random(seed)
         # Strong references: the event loop keeps only weak ones to tasks.
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,18 +98,20 @@ class Shadow:
         payload: dict[str, Any],
         student_text: str,
         request_id: str,
+        capture: bool = False,
     ) -> bool:
         """Start a shadow comparison of a sampled answer if a slot is free.
 
         `payload` is the request as the student got it, in `wire`'s format; a teacher that
-        does not speak that format natively is not asked (the sample is skipped).
+        does not speak that format natively is not asked (the sample is skipped). The
+        comparison's `ShadowRecord` carries the teacher's text when `capture` is set.
         """
         if self._running >= self._max or wire.name not in self._pool.model.apis:
             self._metrics.shadow_requests.labels(student.name, "skipped").inc()
             return False
         self._running += 1
         task = asyncio.get_running_loop().create_task(
-            self._run(student, wire, payload, student_text, request_id)
+            self._run(student, wire, payload, student_text, request_id, capture)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -118,9 +124,10 @@ class Shadow:
         payload: dict[str, Any],
         student_text: str,
         request_id: str,
+        capture: bool,
     ) -> None:
         try:
-            await self._compare(student, wire, payload, student_text, request_id)
+            await self._compare(student, wire, payload, student_text, request_id, capture)
         finally:
             self._running -= 1
 
@@ -131,6 +138,7 @@ class Shadow:
         payload: dict[str, Any],
         student_text: str,
         request_id: str,
+        capture: bool,
     ) -> None:
         body = wire.upstream_payload(payload, self._pool.model.upstream_model, False)
         body.pop("stream", None)
@@ -171,9 +179,22 @@ class Shadow:
         usage = wire.usage(parsed)
         if usage is not None:
             self._metrics.shadow_cost.labels(student.name).inc(self._accountant.teacher_cost(usage))
-        score = agreement(student_text, wire.answer(parsed).text)
+        teacher_text = wire.answer(parsed).text
+        score = agreement(student_text, teacher_text)
         self._metrics.shadow_agreement.labels(student.name).observe(score)
         self._metrics.shadow_requests.labels(student.name, "compared").inc()
+        if self._recorder is not None:
+            self._recorder.shadow(
+                ShadowRecord(
+                    ts=time.time(),
+                    request_id=request_id,
+                    student=student.name,
+                    agreement=score,
+                    teacher_answer=teacher_text if capture else None,
+                    teacher_prompt_tokens=0 if usage is None else usage.prompt_tokens,
+                    teacher_completion_tokens=0 if usage is None else usage.completion_tokens,
+                )
+            )
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Wait briefly for running comparisons, then cancel the rest."""

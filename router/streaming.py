@@ -135,7 +135,8 @@ async def stream_attempt(
         if first is None or first[1] is None or wire.stream_error(first[1]):
             raise UpstreamUnavailable(f"model {model.name!r} ended its stream before answering")
         held.append(first)
-        gw.metrics.ttft.labels(model.name).observe(time.perf_counter() - ex.started)
+        ex.ttft_s = time.perf_counter() - ex.started
+        gw.metrics.ttft.labels(model.name).observe(ex.ttft_s)
         if ex.checks_apply(model):
             await _hold_back(ex, upstream, held)
     except BaseException:
@@ -181,6 +182,7 @@ async def _hold_back(ex: Exchange, upstream: _Upstream, held: list[_Event]) -> N
     checked = answer.answer(complete=upstream.ended)
     failed = check_answer(checked, model.checks, ex.prompt, ex.gateway.refusals[model.name])
     if failed is None:
+        ex.quality = "passed"
         return
     usage = ex.estimate(answer.events)
     for _, obj, _ in held:
@@ -205,7 +207,9 @@ async def _pump(
     events = 0
     status = 200
     note: str | None = None
-    shadow = StreamAnswer() if model.role == "student" and gw.shadow.sample() else None
+    shadowed = model.role == "student" and gw.shadow.sample()
+    # The answer's text is gathered only for a shadow comparison or a captured record.
+    collected = StreamAnswer() if shadowed or ex.capture else None
     inflight = gw.metrics.level(gw.metrics.inflight.labels(model.name))
     inflight.value += 1
     out: list[bytes] = []
@@ -229,8 +233,8 @@ async def _pump(
             events += 1
             if obj is not None:
                 usage = wire.event_usage(obj, usage)
-                if shadow is not None:
-                    wire.feed(shadow, obj)
+                if collected is not None:
+                    wire.feed(collected, obj)
                 if translator is not None:
                     out.append(translator.event(obj))
                 elif wants_usage or wire.carries_answer(obj):
@@ -267,8 +271,14 @@ async def _pump(
             yield client.error_event(
                 f"model {model.name!r} ended its stream before completing the answer", "upstream_error"
             )
-        elif shadow is not None and status == 200:
-            gw.shadow.start(model, wire, ex.upstream_payload(leg), "".join(shadow.text), ex.request_id)
+        elif collected is not None and status == 200:
+            text = "".join(collected.text)
+            if ex.capture:
+                ex.answer_text = text
+            if shadowed:
+                ex.shadowed = gw.shadow.start(
+                    model, wire, ex.upstream_payload(leg), text, ex.request_id, ex.capture
+                )
     except UpstreamError as exc:
         status = exc.status_code
         gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()

@@ -34,6 +34,7 @@ class Gateway:
     url: str
     config: Config
     registry: CollectorRegistry
+    app: Any = None  # the ASGI app (its `state.recorder` holds the request records)
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         value = self.registry.get_sample_value(name, labels or {})
@@ -106,7 +107,7 @@ def make_gateway() -> GatewayFactory:
         scorer = HeuristicScorer() if config.classifier.kind == "heuristic" else None
         app = create_app(config, scorer=scorer, registry=registry)
         with serve(app) as url:
-            yield Gateway(url, config, registry)
+            yield Gateway(url, config, registry, app)
 
     return start
 
