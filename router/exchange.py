@@ -84,6 +84,7 @@ class Exchange:
     shadowed: bool = False
     capture: bool = False  # the prompt and the answer go into the record
     answer_text: str | None = None  # the served answer, when captured
+    family: str | None = None  # the client's workload tag (x-triage-family header)
     finished: bool = False
 
     def leg(self, model: ModelConfig) -> Leg:
@@ -281,6 +282,7 @@ class Exchange:
             error=note,
             quality=self.quality,
             shadowed=self.shadowed,
+            family=self.family,
         )
         if self.capture:
             record.captured = True

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from classifiers.family import TAG_PATTERN
 from router.auth import retry_after_header
 from router.config import ModelConfig
 from router.endpoints import WireFormat
@@ -207,6 +208,21 @@ def _budget_header(request: Request) -> float | None:
     return value
 
 
+def _family_header(request: Request) -> str | None:
+    """The client's own workload tag, kept in the request's record for per-workload reports."""
+    raw = request.headers.get("x-triage-family")
+    if raw is None:
+        return None
+    tag = raw.strip().lower()
+    if not TAG_PATTERN.match(tag):
+        raise InvalidRequest(
+            "x-triage-family must be a short name: a letter or digit, then up to 31 letters, "
+            "digits, '.', '_' or '-'.",
+            param="x-triage-family",
+        )
+    return tag
+
+
 async def handle_completion(request: Request, fmt: WireFormat) -> Response:
     """Serve one model request in the client's wire format (chat, Responses, Messages, …)."""
     gw: Gateway = request.app.state.gateway
@@ -307,6 +323,7 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
             )
         )
         budget_usd = _budget_header(request)
+        family = _family_header(request)
     except GatewayError as exc:
         _rejected(gw, fmt, request_id, exc, None if key is None else key.name)
         headers = {"x-request-id": request_id}
@@ -334,6 +351,7 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
         arrived=time.time() - (time.perf_counter() - started),
         threshold_factor=policy.factor,
         capture=bool(gw.recorder.sinks) and gw.recorder.wants_capture(),
+        family=family,
     )
     request.scope[_EXCHANGE] = ex
     return await _serve(ex)

@@ -53,6 +53,7 @@ class RequestRecord:
     prompt: str | None = None  # the scorer's text of the request (captured, redacted)
     messages: list[dict[str, Any]] | None = None  # the request as chat messages (captured)
     answer: str | None = None  # the served answer's text (captured)
+    family: str | None = None  # the client's own workload tag (`x-triage-family`), when it sent one
 
 
 @dataclass(slots=True)

@@ -143,3 +143,15 @@ def test_a_rejected_request_makes_no_record(upstreams: Upstreams, make_gateway: 
             assert client.post("/v1/chat/completions", json={"model": "auto"}).status_code == 400
             assert client.post("/v1/chat/completions", json=_easy()).status_code == 200
         assert [r.status for r in sink.requests] == [200]
+
+
+def test_the_clients_workload_tag_is_recorded(upstreams: Upstreams, make_gateway: GatewayFactory) -> None:
+    with make_gateway(base_config(upstreams.urls)) as gw:
+        sink = _sink(gw, capture=False)
+        with httpx.Client(base_url=gw.url) as client:
+            ok = client.post("/v1/chat/completions", json=_easy(), headers={"x-triage-family": "Support-Bot"})
+            bad = client.post("/v1/chat/completions", json=_easy(), headers={"x-triage-family": "a b"})
+            plain = client.post("/v1/chat/completions", json=_easy())
+        assert (ok.status_code, bad.status_code, plain.status_code) == (200, 400, 200)
+        assert bad.json()["error"]["param"] == "x-triage-family"
+        assert [r.family for r in sink.requests] == ["support-bot", None]
