@@ -36,6 +36,7 @@ from router.records import Recorder
 from router.reload import Reloader, ReloadError
 from router.routing import REASONS
 from router.server import DISCONNECT_HOOK
+from router.store import open_store
 
 __all__ = ["create_app"]
 
@@ -251,6 +252,10 @@ def create_app(
         # couple of requests for almost nothing. Cycles still go within GC_YOUNG_THRESHOLD.
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         app.state.gateway = Gateway(config, scorer, metrics, recorder)
+        # The traffic store lives as long as the process: a reload keeps it, and its queue.
+        store = open_store(config, metrics)
+        if store is not None:
+            recorder.sinks.append(store)
         _log_start(config)
         app.state.ready_at = 0.0
         reloader = Reloader(app, config_path, metrics)
@@ -268,6 +273,12 @@ def create_app(
                 loop.remove_signal_handler(signal.SIGHUP)
             await reloader.aclose()
             await app.state.gateway.aclose()
+            if store is not None:
+                # Last: the requests and shadow comparisons above have all left their records.
+                recorder.sinks.remove(store)
+                await asyncio.to_thread(store.close)
+                if sampler is not None:
+                    metrics.sample()  # the store's final counts
 
     app = TriageApp(
         title="Triage",

@@ -34,6 +34,7 @@ __all__ = [
     "Capabilities",
     "Capability",
     "AuthConfig",
+    "CaptureConfig",
     "CascadeConfig",
     "ClassifierConfig",
     "Config",
@@ -45,6 +46,7 @@ __all__ = [
     "RoutingConfig",
     "ServeConfig",
     "ServerConfig",
+    "StoreConfig",
     "format_validation_error",
     "load_config",
 ]
@@ -405,6 +407,79 @@ class AdminConfig(_Strict):
     reload_endpoint: bool = Field(False, description="Enable POST /admin/reload.")
 
 
+class StoreConfig(_Strict):
+    """Where every request's record is kept (`router/store/`); without this section nothing is."""
+
+    kind: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="sqlite: one file in data_dir, nothing to install; postgres: for replicas."
+    )
+    data_dir: Path = Field(
+        Path("triage-data"),
+        description="SQLite: the folder holding traffic.db (relative to the config file's folder).",
+    )
+    dsn_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="PostgreSQL: env var holding the connection string (postgresql://user@host/db).",
+    )
+    batch_size: int = Field(500, ge=1, le=100_000, description="Records written per transaction.")
+    flush_interval_s: float = Field(
+        1.0, gt=0, le=60, description="Longest a record waits in memory before it is written."
+    )
+    max_queue: int = Field(
+        50_000,
+        ge=1,
+        description="Records waiting to be written, at most; past it (a slow or dead store) new "
+        "records are dropped and counted in triage_store_dropped_records_total.",
+    )
+    retention_days: float | None = Field(
+        None, gt=0, description="Delete records older than this; null keeps them."
+    )
+    maintenance_interval_s: float = Field(
+        300.0, gt=0, description="How often retention and the capture limits are enforced."
+    )
+    close_timeout_s: float = Field(
+        10.0, ge=0, description="At shutdown, how long to keep trying to write what is left."
+    )
+
+    @model_validator(mode="after")
+    def _dsn_for_postgres(self) -> StoreConfig:
+        if self.kind == "postgres" and self.dsn_env is None:
+            raise ValueError("store.kind postgres needs dsn_env (the env var holding the connection string)")
+        return self
+
+
+class CaptureConfig(_Strict):
+    """Keeping prompts and answers in the traffic store: off unless turned on, redacted, bounded."""
+
+    enabled: bool = Field(False, description="Store the prompt and answer of sampled requests.")
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests captured when enabled.")
+    redact_emails: bool = Field(True, description="Replace email addresses with [EMAIL].")
+    redact_keys: bool = Field(
+        True, description="Replace API-key-like strings (sk-..., AKIA..., bearer tokens, JWTs) with [KEY]."
+    )
+    redact_patterns: list[str] = Field(
+        default_factory=list,
+        description="More regexes to replace with [REDACTED] (account numbers, names you choose).",
+    )
+    retention_days: float | None = Field(
+        30.0, gt=0, description="Clear captured text older than this (the outcome row stays); null keeps it."
+    )
+    max_mb: float | None = Field(
+        1024.0, gt=0, description="Most captured text kept, in MB; past it the oldest text is cleared."
+    )
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"redact pattern {pattern!r} is not a valid regex: {exc}") from None
+        return value
+
+
 class Config(_Strict):
     """The whole gateway configuration."""
 
@@ -414,6 +489,8 @@ class Config(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     classifier: ClassifierConfig
     routing: RoutingConfig = RoutingConfig()
+    store: StoreConfig | None = Field(None, description="The traffic store; null stores nothing.")
+    capture: CaptureConfig = CaptureConfig()
 
     @model_validator(mode="after")
     def _one_teacher_unique_names(self) -> Config:
@@ -498,6 +575,12 @@ def load_config(
     for i, m in enumerate(config.models):
         if m.api_key_env and not env.get(m.api_key_env):
             secrets.append(f"  models.{i}.api_key_env  environment variable {m.api_key_env} is not set")
+    store = config.store
+    if store is not None and store.dsn_env and not env.get(store.dsn_env):
+        secrets.append(f"  store.dsn_env  environment variable {store.dsn_env} is not set")
+    if store is not None and not store.data_dir.is_absolute():
+        store = store.model_copy(update={"data_dir": (path.parent / store.data_dir).resolve()})
+        config = config.model_copy(update={"store": store})
     for field in ("keys_env", "metrics_token_env", "admin_token_env"):
         var = getattr(config.auth, field)
         if var and not env.get(var):

@@ -504,6 +504,27 @@ class Metrics:
             ),
             self._tallies,
         )
+        # Counted by the store's writer thread, once per batch: plain counters.
+        self.store_written = Counter(
+            "triage_store_written_records",
+            "Records (requests and shadow comparisons) written to the traffic store.",
+            registry=registry,
+        )
+        self.store_dropped = CounterFamily(
+            Counter(
+                "triage_store_dropped_records",
+                "Records the traffic store did not keep: queue_full (the database was slow or down "
+                "and store.max_queue records already waited) or shutdown (still unwritten at exit).",
+                ["reason"],
+                registry=registry,
+            ),
+            self._tallies,
+        )
+        self.store_errors = Counter(
+            "triage_store_write_errors",
+            "Failed attempts to reach or write the traffic store (the records are kept and retried).",
+            registry=registry,
+        )
         self.build_info = Family(
             Gauge(
                 "triage_build_info",
