@@ -24,6 +24,7 @@ from classifiers import Scorer, load_scorer
 from router import __version__
 from router.auth import check_token
 from router.config import Config, config_hash, load_config
+from router.dashboard import add_dashboard
 from router.endpoints import BY_PATH, FORMATS, WireFormat
 from router.endpoints.messages import CountTokensFormat, CountTokensRequest
 from router.errors import GatewayError, error_body
@@ -290,6 +291,7 @@ def create_app(
     )
 
     app.state.recorder = recorder
+    add_dashboard(app, metrics, recorder)
     for fmt in FORMATS.values():
         _add_model_route(app, fmt)
     app.add_api_route(

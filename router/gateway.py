@@ -58,6 +58,8 @@ class Gateway:
         for m in config.models:
             for i in range(len(m.endpoints)):
                 metrics.circuit_state.labels(m.name, str(i)).set(0)
+        for m in config.students:  # so dashboards show shadow agreement as empty, not missing
+            metrics.shadow_agreement.labels(m.name)
         self.retry_budget = RetryBudget(routing.retry_budget_ratio, routing.retry_budget_burst)
         self.auth = Authenticator(config.auth)
         for name in self.auth.names:

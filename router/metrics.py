@@ -34,6 +34,7 @@ __all__ = [
     "Level",
     "Metrics",
     "Tally",
+    "exported",
     "exposition",
 ]
 
@@ -183,13 +184,21 @@ class _Sampler(Collector):
         return ()
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
-    """The text for /metrics: this registry, or every worker's values in multiprocess mode."""
+def exported(registry: CollectorRegistry) -> CollectorRegistry:
+    """What /metrics reads: this registry, or every worker's values merged in multiprocess mode.
+
+    The dashboard's JSON collects from the same place, so its numbers are the scrape's.
+    """
     if os.environ.get(MULTIPROC_ENV):
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
-        return generate_latest(merged)
-    return generate_latest(registry)
+        return merged
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text for /metrics: this registry, or every worker's values in multiprocess mode."""
+    return generate_latest(exported(registry))
 
 
 class Metrics:

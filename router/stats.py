@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
@@ -49,8 +50,13 @@ class Snapshot:
     @classmethod
     def from_text(cls, text: str) -> Snapshot:
         """Parse the Prometheus text exposition format."""
+        return cls.from_families(text_string_to_metric_families(text))
+
+    @classmethod
+    def from_families(cls, families: Iterable[Metric]) -> Snapshot:
+        """Take the samples of collected metric families (a registry's `collect()`)."""
         snap = cls()
-        for family in text_string_to_metric_families(text):
+        for family in families:
             for s in family.samples:
                 snap.samples.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
         return snap

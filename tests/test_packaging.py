@@ -9,6 +9,7 @@ so nothing is imported from the source tree.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -198,6 +199,17 @@ def test_serve_starts_and_stops_cleanly(installed: Path, tmp_path: Path) -> None
             assert proc.poll() is None, f"triage serve exited:\n{proc.communicate()[0]}"
             assert time.monotonic() < deadline, "triage serve did not answer /healthz in 60 s"
             time.sleep(0.1)
+        # The dashboard's page and assets are package data: served from the installed package.
+        for path, kind in (
+            ("/ui", "text/html"),
+            ("/ui/ui.js", "text/javascript"),
+            ("/ui/ui.css", "text/css"),
+        ):
+            with urllib.request.urlopen(url + path, timeout=5) as resp:
+                assert resp.status == 200 and resp.headers["content-type"].startswith(kind), path
+                assert len(resp.read()) > 1000, path
+        with urllib.request.urlopen(url + "/ui/api/summary", timeout=5) as resp:
+            assert json.loads(resp.read())["decisions"]["source"] == "memory"
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
     finally:

@@ -1,0 +1,137 @@
+"""The dashboard's numbers: one JSON document from the exported metrics and the recent decisions.
+
+Every aggregate is read from the registry /metrics exports (`metrics.exported`: with workers,
+the merged multiprocess files) through the same `stats.summarize` that `triage stats` uses
+on a scrape, so the page, `triage stats` and a Prometheus query over /metrics agree. Nothing
+is aggregated from the recent records: they only fill the table, a page at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from router.dashboard.decisions import DecisionSource, row
+from router.metrics import exported
+from router.stats import Snapshot, Summary, summarize
+
+__all__ = ["CIRCUIT_STATES", "build"]
+
+# `triage_circuit_state`'s values, in order.
+CIRCUIT_STATES = ("closed", "half_open", "open")
+
+
+def _num(x: float | None) -> float | None:
+    """JSON has no NaN or infinity: those become null."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _by(pairs: dict[tuple[str, str], float], index: int) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for k, v in pairs.items():
+        out[k[index]] += v
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _scores(snap: Snapshot) -> dict[str, Any]:
+    """The score histogram as per-bucket counts, and each student's threshold now."""
+    buckets = []
+    below = 0.0
+    for upper, cumulative in snap.buckets("triage_classifier_score"):
+        if math.isinf(upper):
+            continue  # scores are in [0, 1]; the last finite bucket ends at 1
+        buckets.append({"le": upper, "count": cumulative - below})
+        below = cumulative
+    thresholds = {labels["model"]: _num(value) for labels, value in snap.get("triage_score_threshold")}
+    return {
+        "buckets": buckets,
+        "count": snap.total("triage_classifier_score_count"),
+        "thresholds": dict(sorted(thresholds.items())),
+    }
+
+
+def _keys(snap: Snapshot) -> list[dict[str, Any]]:
+    spend = snap.by("triage_key_cost_usd_total", "key")
+    limited = snap.by("triage_rate_limited_total", "key")
+    return [
+        {"key": k, "spend_usd": spend.get(k, 0.0), "rate_limited": limited.get(k, 0.0)}
+        for k in sorted(set(spend) | set(limited), key=lambda k: (-spend.get(k, 0.0), k))
+    ]
+
+
+def _circuits(snap: Snapshot) -> list[dict[str, Any]]:
+    out = []
+    for labels, value in snap.get("triage_circuit_state"):
+        idx = int(value) if math.isfinite(value) else 0
+        state = CIRCUIT_STATES[idx] if 0 <= idx < len(CIRCUIT_STATES) else "unknown"
+        out.append({"model": labels.get("model", ""), "endpoint": labels.get("endpoint", ""), "state": state})
+    return sorted(out, key=lambda c: (c["model"], c["endpoint"]))
+
+
+def _aggregates(s: Summary, snap: Snapshot) -> dict[str, Any]:
+    fallbacks = {
+        "total": sum(s.fallbacks.values()),
+        "by_reason": _by(s.fallbacks, 1),
+        "by_model": _by(s.fallbacks, 0),
+    }
+    return {
+        "version": s.version,
+        "config_hash": s.config_hash,
+        "teacher": s.teacher,
+        "requests": s.requests,
+        "rejected": snap.total("triage_rejected_requests_total"),
+        "share": {
+            "students": _num(s.student_share),
+            "classifier": _num(s.student_share_classifier),
+            "target": _num(s.share_target),
+            "window": _num(s.share_window),
+        },
+        "spend": {
+            "actual_usd": s.cost,
+            "teacher_only_usd": s.teacher_equivalent,
+            "savings_usd": s.savings,
+            "savings_ratio": _num(s.savings_ratio),
+            "shadow_usd": s.shadow_cost,
+        },
+        "fallbacks": fallbacks,
+        "models": [
+            {
+                "name": m.name,
+                "requests": m.requests,
+                "status": m.by_status,
+                "cost_usd": m.cost,
+                "teacher_only_usd": m.teacher_equivalent,
+                "latency_p50_s": _num(m.latency_p50),
+                "latency_p95_s": _num(m.latency_p95),
+                "ttft_p50_s": _num(m.ttft_p50),
+                "ttft_p95_s": _num(m.ttft_p95),
+            }
+            for m in s.models
+        ],
+        "overhead": {"p50_s": _num(s.overhead_p50), "p99_s": _num(s.overhead_p99)},
+        "scores": _scores(snap),
+        "keys": _keys(snap),
+        "circuits": _circuits(snap),
+    }
+
+
+def build(
+    registry: CollectorRegistry, decisions: DecisionSource, offset: int = 0, limit: int = 100
+) -> dict[str, Any]:
+    """The whole document: aggregates since start, plus one page of recent decisions."""
+    snap = Snapshot.from_families(exported(registry).collect())
+    doc = _aggregates(summarize(snap), snap)
+    total, records = decisions.page(offset, limit)
+    doc["decisions"] = {
+        "source": decisions.name,
+        "total": total,
+        "offset": offset,
+        "limit": limit,
+        "rows": [row(r) for r in records],
+    }
+    doc["generated_at"] = time.time()
+    return doc
