@@ -18,6 +18,7 @@ from pathlib import Path
 
 from router.config import AuthConfig
 from router.errors import AuthError, RateLimited
+from router.limits import SharedLimits
 
 __all__ = ["Authenticator", "KeyState", "check_token", "load_keys", "retry_after_header"]
 
@@ -76,13 +77,14 @@ class _Bucket:
 
 @dataclass
 class KeyState:
-    """One key's identity, buckets and spend."""
+    """One key's identity, buckets and spend; with `shared`, its limits and spend live in Redis."""
 
     name: str
     requests: _Bucket | None = None
     tokens: _Bucket | None = None
     spent_usd: float = 0.0
     budget_usd: float | None = None
+    shared: SharedLimits | None = None
 
     def admit(self) -> None:
         """Take one request from the limits or raise RateLimited with a Retry-After."""
@@ -111,26 +113,39 @@ class KeyState:
             self.requests.take(1.0)
 
     def charge(self, tokens: int, usd: float) -> None:
-        """Count what a finished attempt used."""
+        """Count what a finished attempt used (in Redis too, when the limits are shared)."""
         if self.tokens is not None:
             self.tokens.take(tokens)
         self.spent_usd += usd
+        if self.shared is not None:
+            self.shared.charge(self.name, tokens, usd)
 
 
 class Authenticator:
-    """Checks bearer keys and holds each key's limit state."""
+    """Checks bearer keys and holds each key's limit state.
 
-    def __init__(self, config: AuthConfig, environ: Mapping[str, str] | None = None) -> None:
+    With `shared` (the `state:` section) the limits and spend are kept in Redis for every
+    worker and replica; otherwise in this process (the embedded default).
+    """
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        environ: Mapping[str, str] | None = None,
+        shared: SharedLimits | None = None,
+    ) -> None:
         env = os.environ if environ is None else environ
         self._keys = load_keys(config, env)
         self.enabled = bool(config.keys_env or config.keys_file)
         limits = config.limits
+        local = shared is None
         self._states = {
             name: KeyState(
                 name,
-                _Bucket(limits.requests_per_minute) if limits.requests_per_minute else None,
-                _Bucket(limits.tokens_per_minute) if limits.tokens_per_minute else None,
-                budget_usd=limits.budget_usd,
+                _Bucket(limits.requests_per_minute) if local and limits.requests_per_minute else None,
+                _Bucket(limits.tokens_per_minute) if local and limits.tokens_per_minute else None,
+                budget_usd=limits.budget_usd if local else None,
+                shared=shared,
             )
             for name in set(self._keys.values())
         }

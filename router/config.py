@@ -47,6 +47,7 @@ __all__ = [
     "ServeConfig",
     "ServerConfig",
     "StoreConfig",
+    "StateConfig",
     "format_validation_error",
     "load_config",
 ]
@@ -377,7 +378,10 @@ class Limits(_Strict):
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)
     budget_usd: float | None = Field(
-        None, gt=0, description="Spend allowed per key since the gateway started."
+        None,
+        gt=0,
+        description="Spend allowed per key: since the process started, or in all time with `state:` "
+        "(the spend is kept in Redis).",
     )
 
 
@@ -398,6 +402,43 @@ class AuthConfig(_Strict):
     pinning: dict[str, list[ModelName]] = Field(
         default_factory=dict,
         description="Per key name: the models that key may pin, replacing routing.pinnable_models.",
+    )
+
+
+class StateConfig(_Strict):
+    """Shared state in Redis: per-key limits, spend and the share controller, one for every replica.
+
+    Without this section each process keeps its own (the embedded default).
+    """
+
+    redis_url_env: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Env var holding the Redis URL (redis://[user:password@]host:port/db or rediss://); "
+        "it may carry a password, so it never lives in the file.",
+    )
+    key_prefix: str = Field(
+        "triage:", min_length=1, max_length=64, description="Prefix of every Redis key the gateway writes."
+    )
+    timeout_s: float = Field(
+        0.1,
+        gt=0,
+        le=5,
+        description="Longest a request waits on Redis (connect or answer); past it, `on_failure` decides.",
+    )
+    on_failure: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open",
+        description="When Redis is slow or down: fail_open serves the request unchecked (and counts it), "
+        "fail_closed answers 429 `shared_state_unavailable`.",
+    )
+    retry_s: float = Field(
+        1.0,
+        gt=0,
+        description="After a failure, how long requests skip Redis (answered by `on_failure` at once) "
+        "before the next one tries it again.",
+    )
+    max_connections: int = Field(16, gt=0, description="Pooled Redis connections per process.")
+    share_controller: bool = Field(
+        True, description="Share the student-share controller's window and factor across replicas."
     )
 
 
@@ -491,6 +532,9 @@ class Config(_Strict):
     routing: RoutingConfig = RoutingConfig()
     store: StoreConfig | None = Field(None, description="The traffic store; null stores nothing.")
     capture: CaptureConfig = CaptureConfig()
+    state: StateConfig | None = Field(
+        None, description="Shared state in Redis; null keeps limits and the controller per process."
+    )
 
     @model_validator(mode="after")
     def _one_teacher_unique_names(self) -> Config:
@@ -585,6 +629,8 @@ def load_config(
         var = getattr(config.auth, field)
         if var and not env.get(var):
             secrets.append(f"  auth.{field}  environment variable {var} is not set")
+    if config.state is not None and not env.get(config.state.redis_url_env):
+        secrets.append(f"  state.redis_url_env  environment variable {config.state.redis_url_env} is not set")
     kpath = config.auth.keys_file
     if kpath is not None and not kpath.is_absolute():
         kpath = (path.parent / kpath).resolve()

@@ -13,6 +13,7 @@ from router.auth import Authenticator
 from router.breaker import State
 from router.config import Config
 from router.errors import Overloaded
+from router.limits import SharedLimits
 from router.logs import UPSTREAM, event
 from router.metrics import Level, Metrics
 from router.policy import RoutingPolicy, load_policy
@@ -20,6 +21,7 @@ from router.quality import compile_refusals
 from router.records import Recorder
 from router.retry_budget import RetryBudget
 from router.shadow import Shadow
+from router.state import SharedState
 from router.upstream import ModelPool
 
 __all__ = ["Gateway"]
@@ -61,10 +63,21 @@ class Gateway:
         for m in config.students:  # so dashboards show shadow agreement as empty, not missing
             metrics.shadow_agreement.labels(m.name)
         self.retry_budget = RetryBudget(routing.retry_budget_ratio, routing.retry_budget_burst)
-        self.auth = Authenticator(config.auth)
+        # Shared state (`state:`): limits, spend and the share controller in Redis.
+        self.state = SharedState(config.state, metrics) if config.state is not None else None
+        self.limits: SharedLimits | None = None
+        limits = config.auth.limits
+        if self.state is not None and (
+            limits.requests_per_minute or limits.tokens_per_minute or limits.budget_usd
+        ):
+            self.limits = SharedLimits(self.state, limits, metrics)
+        self.auth = Authenticator(config.auth, shared=self.limits)
+        kinds = ["requests_per_minute", "tokens_per_minute", "budget_exceeded"]
+        if self.limits is not None:
+            kinds.append("shared_state_unavailable")
         for name in self.auth.names:
             metrics.key_cost.labels(name)
-            for limit in ("requests_per_minute", "tokens_per_minute", "budget_exceeded"):
+            for limit in kinds:
                 metrics.rate_limited.labels(name, limit)
         # Requests in flight on this gateway; a reload closes the old one when it reaches 0.
         self.active = 0
@@ -83,6 +96,8 @@ class Gateway:
         target = config.routing.target_student_share
         metrics.student_share_target.set(target if target is not None else math.nan)
         self.policy: RoutingPolicy = load_policy(config, self.publish_thresholds)
+        if self.state is not None:
+            self.policy.share_state(self.state)
         self.publish_thresholds()
 
     def enter(self) -> None:
@@ -132,5 +147,9 @@ class Gateway:
     async def aclose(self) -> None:
         """Stop shadow work and close every upstream client."""
         await self.shadow.drain()
+        if self.limits is not None:
+            await self.limits.aclose()  # spend still queued goes to Redis before the process ends
+        if self.state is not None:
+            await self.state.aclose()
         for pool in self.pools.values():
             await pool.aclose()

@@ -471,6 +471,44 @@ class Metrics:
             ),
             self._tallies,
         )
+        self.state_up = Gauge(
+            "triage_shared_state_up",
+            "1 while this process reaches the shared state (Redis), 0 while it does not; absent "
+            "without `state:`.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.state_errors = CounterFamily(
+            Counter(
+                "triage_shared_state_errors",
+                "Redis calls that failed or timed out, by operation (limits, share).",
+                ["op"],
+                registry=registry,
+            ),
+            self._tallies,
+        )
+        self.state_unchecked = CounterFamily(
+            Counter(
+                "triage_shared_state_unchecked_requests",
+                "Requests whose key limits could not be checked in Redis, by outcome: served "
+                "(on_failure: fail_open) or refused (fail_closed).",
+                ["outcome"],
+                registry=registry,
+            ),
+            self._tallies,
+        )
+        self.state_pending_usd = Gauge(
+            "triage_shared_state_pending_usd",
+            "Spend counted here but not yet written to Redis (written when it answers again).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.state_duration = Histogram(
+            "triage_shared_state_duration_seconds",
+            "Round trips to Redis for limits (one per batch of requests).",
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
         self.reloads = CounterFamily(
             Counter(
                 "triage_config_reloads",

