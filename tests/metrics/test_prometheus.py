@@ -58,6 +58,8 @@ TRAFFIC = (
     "triage_teacher_equivalent_cost_usd_total",
     "triage_prompt_tokens_total",
     "triage_completion_tokens_total",
+    "triage_usage_missing_total",
+    "triage_rejected_requests_total",
 )
 # Quantiles over these must give at least one finite number once requests were observed.
 OBSERVED = (
@@ -200,7 +202,7 @@ def chat(gw: Gateway, content: str, model: str = "auto", stream: bool = False) -
 
 
 def push_traffic(gw: Gateway, upstreams: Upstreams) -> None:
-    """Easy and hard prompts, streams (one without usage), a fallback, a 4xx and a 5xx."""
+    """Easy and hard prompts, streams (one without usage), a fallback, a 4xx, a 5xx and a rejection."""
     statuses = [chat(gw, EASY) for _ in range(3)] + [chat(gw, HARD) for _ in range(2)]
     statuses.append(chat(gw, EASY, stream=True))
     upstreams.small.mode = "no_usage"
@@ -217,6 +219,8 @@ def push_traffic(gw: Gateway, upstreams: Upstreams) -> None:
     upstreams.teacher.reset()
     assert statuses == [200] * 8 + [422, 503]
     assert len(statuses) == REQUESTS
+    # Refused before routing: counted as rejected, not as an answered request.
+    assert chat(gw, EASY, model="no-such-model") == 404
 
 
 def test_promtool_accepts_the_shipped_rules_and_config() -> None:
