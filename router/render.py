@@ -4,6 +4,8 @@ Each model with a `serve:` block gets one vLLM server per endpoint. The
 endpoint URL names the server (`http://student-7b:8000/v1` → service
 `student-7b` on port 8000) and `--served-model-name` is the model's
 `upstream_model`, so the gateway's view and the deployment cannot drift.
+With `state:` the files also hold one Redis (service `redis`, append-only file on a
+volume) and, for compose, the gateway's `state.redis_url_env` pointing at it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ from router.config import Config, ConfigError, ModelConfig, ServeConfig, load_co
 __all__ = ["add_subcommand", "render_compose", "render_k8s", "servers"]
 
 VLLM_PORT = 8000
+REDIS_IMAGE = "redis:7.4-alpine"
+REDIS_URL = "redis://redis:6379/0"
+# Append-only with an fsync a second: a Redis restart loses at most a second of spend.
+# noeviction: a full Redis refuses writes (counted as errors) rather than drop budgets.
+REDIS_ARGS = [
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "everysec",
+    "--save",
+    "",
+    "--maxmemory-policy",
+    "noeviction",
+]
 
 
 def _vllm_args(model: ModelConfig, serve: ServeConfig, port: int) -> list[str]:
@@ -104,11 +120,64 @@ def render_compose(config: Config, config_file: str) -> dict[str, Any]:
             },
         }
         services["triage"]["depends_on"][name] = {"condition": "service_healthy"}
-    return {"name": "triage", "services": services, "volumes": {"hf-cache": {}}}
+    volumes: dict[str, Any] = {"hf-cache": {}}
+    if config.state is not None:
+        services["redis"] = {
+            "image": REDIS_IMAGE,
+            "restart": "unless-stopped",
+            "command": ["redis-server", *REDIS_ARGS],
+            "volumes": ["redis-data:/data"],
+            "healthcheck": {"test": ["CMD", "redis-cli", "ping"], "interval": "5s", "retries": 5},
+        }
+        services["triage"]["environment"][config.state.redis_url_env] = REDIS_URL
+        services["triage"]["depends_on"]["redis"] = {"condition": "service_healthy"}
+        volumes["redis-data"] = {}
+    return {"name": "triage", "services": services, "volumes": volumes}
+
+
+def _k8s_redis() -> list[dict[str, Any]]:
+    """A one-pod Redis StatefulSet with its volume, and its Service `redis`."""
+    labels = {"app.kubernetes.io/name": "redis", "app.kubernetes.io/part-of": "triage"}
+    container = {
+        "name": "redis",
+        "image": REDIS_IMAGE,
+        "args": REDIS_ARGS,
+        "ports": [{"name": "redis", "containerPort": 6379}],
+        "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5},
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    claim = {
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {"name": "redis", "labels": labels},
+            "spec": {
+                "serviceName": "redis",
+                "replicas": 1,
+                "selector": {"matchLabels": {"app.kubernetes.io/name": "redis"}},
+                "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+                "volumeClaimTemplates": [claim],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "redis", "labels": labels},
+            "spec": {
+                "selector": {"app.kubernetes.io/name": "redis"},
+                "ports": [{"name": "redis", "port": 6379, "targetPort": "redis"}],
+            },
+        },
+    ]
 
 
 def render_k8s(config: Config, config_text: str) -> list[dict[str, Any]]:
-    """Kubernetes objects: a ConfigMap with the gateway config, and a Deployment + Service per server."""
+    """Kubernetes objects: a ConfigMap with the gateway config, a Deployment + Service per server,
+    and with `state:` a Redis (the gateway's `state.redis_url_env` should hold `REDIS_URL`)."""
     docs: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
@@ -174,6 +243,8 @@ def render_k8s(config: Config, config_text: str) -> list[dict[str, Any]]:
                 },
             }
         )
+    if config.state is not None:
+        docs += _k8s_redis()
     return docs
 
 

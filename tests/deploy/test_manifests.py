@@ -26,7 +26,7 @@ KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 # CRDs have no schema in kubernetes-validate (it bundles core Kubernetes only); the
 # ServiceMonitor (Prometheus Operator) is checked structurally in test_overlay_wiring.
 CRD_KINDS = {"ServiceMonitor"}
-COMPOSE_SERVICES = {"triage", "student-1-5b", "student-7b", "teacher", "prometheus", "grafana"}
+COMPOSE_SERVICES = {"triage", "redis", "student-1-5b", "student-7b", "teacher", "prometheus", "grafana"}
 
 Doc = dict[str, Any]
 
@@ -224,3 +224,28 @@ def test_dockerfile_copies_existing_paths() -> None:
         for source in sources:
             assert (REPO_ROOT / source).exists(), f"Dockerfile copies missing {source}"
     assert any(line.startswith("CMD ") and "/etc/triage/config.yaml" in line for line in lines)
+
+
+def _redis_host(url: str) -> str:
+    parts = urlsplit(url)
+    assert parts.scheme == "redis" and parts.port == 6379, url
+    return str(parts.hostname)
+
+
+def test_compose_gateway_reaches_its_redis() -> None:
+    services = _load_yaml(DEPLOY / "compose.yaml")["services"]
+    config = _load_yaml(DEPLOY / "compose" / "config.yaml")
+    url = services["triage"]["environment"][config["state"]["redis_url_env"]]
+    assert _redis_host(url) in services
+    assert services["triage"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert "--appendonly" in services["redis"]["command"]
+
+
+def test_prod_gateway_pods_share_one_redis() -> None:
+    docs = _render("prod")
+    config = _load_yaml(DEPLOY / "k8s" / "overlays" / "prod" / "config.yaml")
+    env = {e["name"]: e for e in _container(_find(docs, "Deployment", "triage"))["env"]}
+    service = _find(docs, "Service", _redis_host(env[config["state"]["redis_url_env"]]["value"]))
+    redis = _find(docs, "StatefulSet", "redis")
+    assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    assert redis["spec"]["replicas"] == 1 and redis["spec"]["volumeClaimTemplates"]

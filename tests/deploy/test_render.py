@@ -119,3 +119,33 @@ def test_shipped_configs_pass_check_config(path: str) -> None:
         env={"TEACHER_API_KEY": "set-in-deployment", "PATH": ""},
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_state_adds_redis_to_compose_and_k8s(tmp_path: Path) -> None:
+    config = {**CONFIG, "state": {"redis_url_env": "TRIAGE_REDIS_URL"}}
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    out = {}
+    for target in ("compose", "k8s"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "router", "render", target, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"TEACHER_API_KEY": "x", "PATH": ""},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "TRIAGE_REDIS_URL" in proc.stderr  # unset here: a warning, not an error
+        out[target] = proc.stdout
+    services = yaml.safe_load(out["compose"])["services"]
+    gateway = services["triage"]
+    assert gateway["environment"]["TRIAGE_REDIS_URL"] == "redis://redis:6379/0"
+    assert gateway["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert "--appendonly" in services["redis"]["command"]
+    docs = [d for d in yaml.safe_load_all(out["k8s"]) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("StatefulSet", "redis"), ("Service", "redis")} <= kinds
+    # Without state: no Redis.
+    assert "redis" not in yaml.safe_load(render("compose", tmp_path))["services"]
