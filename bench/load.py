@@ -12,9 +12,12 @@ Invariants (exit 1 when any fails):
   (no lost, duplicated, mismatched or non-200 answers);
 - the student saw every request once; the teacher saw exactly the faulted ones;
 - `triage_fallbacks_total{reason="upstream_error"}` and
-  `triage_upstream_errors_total` equal the faults the student injected.
+  `triage_upstream_errors_total` equal the faults the student injected;
+- with `--store-dir`, the traffic store (SQLite) holds exactly one row per request,
+  read back after the gateway's clean shutdown, and its fallback rows match the faults.
 
     .venv/bin/python bench/load.py --requests 50000 --concurrency 96
+    .venv/bin/python bench/load.py --requests 50000 --store-dir /tmp/triage-load-store
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ __all__ = [
     "FakeModel",
     "Driver",
     "LoadReport",
+    "StoreCount",
     "Tally",
     "fault_kind",
     "free_port",
@@ -405,6 +409,7 @@ class LoadReport:
     teacher_seen: int
     teacher_unexpected: int
     examples: list[str]
+    store: StoreCount | None = None
 
     @property
     def injected(self) -> int:
@@ -452,6 +457,18 @@ class LoadReport:
                 f"expected the {self.injected} faulted ones",
             ),
         ]
+        if self.store is not None:
+            st = self.store
+            checks += [
+                (
+                    st.requests == self.requests and st.rows == self.requests,
+                    f"store holds {st.rows} rows for {st.requests} of {self.requests} requests",
+                ),
+                (
+                    st.fallbacks == self.injected,
+                    f"store has {st.fallbacks} fallback rows != faults injected {self.injected}",
+                ),
+            ]
         return [msg for ok, msg in checks if not ok]
 
     def lines(self) -> list[str]:
@@ -474,7 +491,40 @@ class LoadReport:
             f"duplicated          {self.duplicated}",
             f"mismatched          {self.mismatched + self.wrong_model}",
             f"non_200             {sum(self.non200.values())} {self.non200 or ''}".rstrip(),
+            *(
+                []
+                if self.store is None
+                else [
+                    f"store_rows          {self.store.rows} for {self.store.requests} distinct requests "
+                    f"({self.store.fallbacks} with fallback upstream_error)"
+                ]
+            ),
         ]
+
+
+@dataclass
+class StoreCount:
+    """What the traffic store holds after a run: rows, distinct requests of the run, fallbacks."""
+
+    rows: int
+    requests: int
+    fallbacks: int
+
+
+def count_store(data_dir: Path, requests: int) -> StoreCount:
+    """Read a SQLite traffic store back and count it against requests r0..r<requests-1>."""
+    from router.config import StoreConfig
+    from router.store import read_traffic
+
+    rows = fallbacks = 0
+    expected = {f"r{i}" for i in range(requests)}
+    seen: set[str] = set()
+    for row in read_traffic(StoreConfig(data_dir=data_dir)):
+        rows += 1
+        if row.request_id in expected:
+            seen.add(row.request_id)
+        fallbacks += row.fallback == "upstream_error"
+    return StoreCount(rows, len(seen), fallbacks)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -642,23 +692,31 @@ def run_load(
     reset_every: int = 4,
     log: Path | None = None,
     deadline_s: float | None = None,
+    store_dir: Path | None = None,
 ) -> LoadReport:
     """Start fakes and `triage serve`, send `requests`, and report (the gateway is always stopped).
 
-    `deadline_s` bounds the whole client phase (TimeoutError past it).
+    `deadline_s` bounds the whole client phase (TimeoutError past it). With `store_dir`, the
+    gateway keeps a SQLite traffic store there, counted once the gateway has stopped.
     """
     loop = new_loop()
     driver = Driver(fault_every, reset_every)
     try:
         loop.run_until_complete(driver.start())
         config = gateway_config(driver.urls["student-small"], driver.urls["teacher"], free_port())
+        if store_dir is not None:
+            config["store"] = {"kind": "sqlite", "data_dir": str(store_dir)}
         with triage_serve(config, log) as (url, pid):
             cpu0 = process_cpu_s(pid), time.process_time()
             tally, duration = loop.run_until_complete(
                 asyncio.wait_for(driver.drive(url, 0, requests, concurrency), deadline_s)
             )
             cpu = process_cpu_s(pid) - cpu0[0], time.process_time() - cpu0[1]
-            return driver.report(url, tally, duration, requests, concurrency, cpu)
+            report = driver.report(url, tally, duration, requests, concurrency, cpu)
+        # The gateway has stopped: a clean shutdown has written every record.
+        if store_dir is not None:
+            report.store = count_store(store_dir, requests)
+        return report
     finally:
         loop.run_until_complete(driver.aclose())
         loop.close()
@@ -679,10 +737,20 @@ def main(argv: list[str] | None = None) -> int:
         help="one fault in N is a TCP reset instead of HTTP 500 (0 = none)",
     )
     parser.add_argument("--gateway-log", type=Path, help="keep the gateway's output here")
+    parser.add_argument(
+        "--store-dir", type=Path, help="run with a SQLite traffic store in this (empty) folder and count it"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= 1_000_000 or not 1 <= args.concurrency <= 1024:
         parser.error("--requests must be 1..1,000,000 and --concurrency 1..1024")
-    report = run_load(args.requests, args.concurrency, args.fault_every, args.reset_every, args.gateway_log)
+    report = run_load(
+        args.requests,
+        args.concurrency,
+        args.fault_every,
+        args.reset_every,
+        args.gateway_log,
+        store_dir=args.store_dir,
+    )
     print("\n".join(report.lines()))
     failures = report.failures()
     for line in failures:

@@ -2,7 +2,8 @@
 
 Runs the core of `bench/load.py` (about 60-90 s on a 2-core machine). It asserts
 behaviour, not speed: every request gets exactly one 200 carrying its own
-marker, and the fallback and upstream-error counters equal the injected faults.
+marker, the fallback and upstream-error counters equal the injected faults, and
+the traffic store (SQLite) holds exactly one row per request.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ def test_fault_plan_is_ten_percent_with_some_resets() -> None:
 
 
 @pytest.mark.slow
-def test_no_request_lost_and_fallbacks_match_injected_faults() -> None:
-    report = run_load(REQUESTS, concurrency=96, fault_every=10, reset_every=4, deadline_s=600)
+def test_no_request_lost_and_fallbacks_match_injected_faults(tmp_path: Path) -> None:
+    report = run_load(
+        REQUESTS, concurrency=96, fault_every=10, reset_every=4, deadline_s=600, store_dir=tmp_path / "store"
+    )
     summary = "\n".join([*report.lines(), *report.examples])
     assert report.failures() == [], summary
     assert report.ok == REQUESTS
     assert report.injected_status == 3_750 and report.injected_reset == 1_250
     assert report.fallbacks == report.upstream_errors == 5_000
     assert report.teacher_seen == 5_000
+    assert report.store is not None
+    assert (report.store.rows, report.store.requests, report.store.fallbacks) == (REQUESTS, REQUESTS, 5_000)
