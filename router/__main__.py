@@ -184,11 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     route.set_defaults(func=_route)
 
+    from router.export import add_subcommand as add_export
     from router.render import add_subcommand as add_render
+    from router.replay import add_subcommand as add_replay
     from router.stats import add_subcommand as add_stats
 
     add_stats(sub)
     add_render(sub)
+    add_export(sub)
+    add_replay(sub)
     try:
         from classifiers.cli import add_subcommands
     except ImportError:  # pragma: no cover - the classifier CLI ships with the package
