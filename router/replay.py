@@ -362,5 +362,12 @@ def add_subcommand(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="keep every stored score (compare thresholds only, not the classifier)",
     )
-    parser.add_argument("--bands", type=int, default=DEFAULT_BANDS, help="score bands for the estimates")
+    parser.add_argument(
+        "--bands",
+        type=int,
+        choices=range(1, 101),
+        default=DEFAULT_BANDS,
+        metavar="N",
+        help="score bands for the estimates (1-100)",
+    )
     parser.set_defaults(func=_run)
