@@ -9,9 +9,19 @@ outside valgrind, and prints instructions per request and their ratio.
 
     .venv/bin/python bench/instructions.py --baseline d9b51c6
     .venv/bin/python bench/instructions.py --baseline d9b51c6 --api messages   # one API this side
+    .venv/bin/python bench/instructions.py --baseline d9b51c6 --cache-sim     # + simulated cache misses
+    .venv/bin/python bench/instructions.py --baseline d9b51c6 --mode pinned   # no scoring
 
 The baseline always sends chat; `--api` picks what this checkout is sent (chat,
 responses or messages), so a translated API's cost shows next to chat's.
+
+Equal instruction counts can still take different times: a request that touches more
+memory (a larger classifier's tables, say) misses the caches more often. `--cache-sim`
+has callgrind simulate the caches too and prints first-level and last-level misses per
+request, and a cycle estimate (instructions + 10 per L1 miss + 100 per last-level miss,
+a common rule of thumb) that tracks wall time better than instructions alone.
+`--mode pinned` sends `model: student-small`, so the classifier never runs: what is
+left is the gateway's own path.
 """
 
 from __future__ import annotations
@@ -29,11 +39,18 @@ from pathlib import Path
 import aiohttp
 import yaml
 from canned import API_PATHS, REPO, CannedUpstream, api_body, ensure_tools, free_port, wait_port
-from gateway import PYTHON, baseline_checkout, probe, triage_config
+from gateway import PYTHON, STUDENT, baseline_checkout, probe, triage_config
+
+# callgrind's event names with --cache-sim=yes, and the cycle estimate's weights.
+_MISSES = {"L1 misses": ("I1mr", "D1mr", "D1mw"), "LL misses": ("ILmr", "DLmr", "DLmw")}
+_CYCLES = {"Ir": 1, "L1 misses": 10, "LL misses": 100}
 
 
-def _count(repo: Path, upstream: str, tmp: Path, name: str, api: str, requests: int) -> float:
-    """Instructions per request of one checkout's `triage serve` (routing mode, cascade off)."""
+def _count(
+    repo: Path, upstream: str, tmp: Path, name: str, api: str, requests: int, model: str, cache_sim: bool
+) -> dict[str, float]:
+    """Events per request of one checkout's `triage serve` (cascade off): `Ir` (instructions),
+    and with `cache_sim` the cache misses and the cycle estimate."""
     port = free_port()
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump(triage_config(upstream, port, False, repo)))
@@ -42,6 +59,7 @@ def _count(repo: Path, upstream: str, tmp: Path, name: str, api: str, requests: 
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
+        f"--cache-sim={'yes' if cache_sim else 'no'}",
         f"--callgrind-out-file={out}",
         str(PYTHON),
         "-m",
@@ -57,7 +75,7 @@ def _count(repo: Path, upstream: str, tmp: Path, name: str, api: str, requests: 
     log = (tmp / f"{name}.log").open("wb")
     proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    body = api_body(api, "auto")
+    body = api_body(api, model)
     try:
         wait_port(port, proc, timeout_s=300)
         deadline = time.monotonic() + 120
@@ -75,11 +93,25 @@ def _count(repo: Path, upstream: str, tmp: Path, name: str, api: str, requests: 
         proc.terminate()
         proc.wait(120)
     # One file per dump: `totals:` is what counting saw (`summary:` may read 0 in a dump).
-    total = 0
+    totals: dict[str, int] = {}
     for path in tmp.glob(f"{name}.callgrind*"):
-        found = re.findall(rb"^(?:summary|totals): (\d+)", path.read_bytes(), re.MULTILINE)
-        total += max((int(x) for x in found), default=0)
-    return total / requests
+        data = path.read_bytes()
+        events = re.search(rb"^events: (.+)$", data, re.MULTILINE)
+        names = events.group(1).decode().split() if events else ["Ir"]
+        rows = [
+            [int(x) for x in found.split()]
+            for found in re.findall(rb"^(?:summary|totals): ([\d ]+)$", data, re.MULTILINE)
+        ]
+        if rows:
+            best = max(rows, key=lambda row: row[0])
+            for event, value in zip(names, best, strict=False):
+                totals[event] = totals.get(event, 0) + value
+    per = {"Ir": totals.get("Ir", 0) / requests}
+    if cache_sim:
+        for label, kinds in _MISSES.items():
+            per[label] = sum(totals.get(e, 0) for e in kinds) / requests
+        per["cycles (est.)"] = sum(per[k] * w for k, w in _CYCLES.items())
+    return per
 
 
 async def _send(url: str, body: bytes, requests: int, connections: int = 32) -> None:
@@ -90,10 +122,18 @@ async def _send(url: str, body: bytes, requests: int, connections: int = 32) -> 
 
         async def worker(n: int) -> None:
             for _ in range(n):
-                async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"{url} answered {resp.status}")
+                for attempt in range(3):
+                    try:
+                        async with session.post(url, data=body, headers=headers) as resp:
+                            await resp.read()
+                            if resp.status != 200:
+                                raise RuntimeError(f"{url} answered {resp.status}")
+                        break
+                    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                        # Under valgrind a kept-alive connection can sit idle past the server's
+                        # keep-alive timeout; the server closed it before reading the request.
+                        if attempt == 2:
+                            raise
 
         share, extra = divmod(requests, connections)
         await asyncio.gather(*(worker(share + (i < extra)) for i in range(connections)))
@@ -106,21 +146,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api", choices=sorted(API_PATHS), default="chat", help="what this checkout is sent")
     p.add_argument("--requests", type=int, default=2000, help="requests counted per side")
     p.add_argument("--keep", action="store_true", help="keep the callgrind files and logs (printed)")
+    p.add_argument(
+        "--mode",
+        choices=("routing", "pinned"),
+        default="routing",
+        help="routing: model auto (scored); pinned: model student-small (never scored)",
+    )
+    p.add_argument("--cache-sim", action="store_true", help="also simulate the caches (slower)")
     a = p.parse_args(argv)
+    model = "auto" if a.mode == "routing" else STUDENT
     tools = ensure_tools({"nginx": "nginx-light", "valgrind": "valgrind"})
     tmp = Path(tempfile.mkdtemp(prefix="triage-instr-"))
     try:
         with CannedUpstream(tools["nginx"], tmp / "nginx", "0") as nginx:
             with baseline_checkout(a.baseline, tmp) as checkout:
-                base = _count(checkout, nginx.json_url, tmp, "base", "chat", a.requests)
-            this = _count(REPO, nginx.json_url, tmp, "this", a.api, a.requests)
+                base = _count(checkout, nginx.json_url, tmp, "base", "chat", a.requests, model, a.cache_sim)
+            this = _count(REPO, nginx.json_url, tmp, "this", a.api, a.requests, model, a.cache_sim)
     finally:
         if a.keep:
             print(f"files: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{a.baseline} (chat): {base:,.0f} instructions/request")
-    print(f"this checkout ({a.api}): {this:,.0f} instructions/request ({this / base:.3f}x)")
+    print(f"mode {a.mode}, {a.requests} requests a side; per request:")
+    print(f"{'':22} {a.baseline + ' (chat)':>16} {'this (' + a.api + ')':>16} {'ratio':>7}")
+    for event, value in base.items():
+        label = "instructions" if event == "Ir" else event
+        ratio = this[event] / value if value else float("nan")
+        print(f"{label:22} {value:16,.0f} {this[event]:16,.0f} {ratio:7.3f}")
     return 0
 
 
