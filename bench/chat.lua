@@ -2,6 +2,8 @@
 -- The body comes from BENCH_BODY so the Python client and wrk send the same bytes.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+-- An API key for runs with key limits on (bench/gateway.py --limits).
+if os.getenv("BENCH_AUTH") then wrk.headers["Authorization"] = os.getenv("BENCH_AUTH") end
 wrk.body = os.getenv("BENCH_BODY") or '{"model":"auto","messages":[{"role":"user","content":"hi"}]}'
 
 function done(summary, latency, requests)

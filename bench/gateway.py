@@ -11,6 +11,9 @@ asyncio client also measures the time to first byte, first event and last byte.
     .venv/bin/python bench/gateway.py --stream --quick
     .venv/bin/python bench/gateway.py --apis chat,responses,messages   # each API's overhead
     .venv/bin/python bench/gateway.py --baseline d9b51c6               # this checkout against a commit
+    .venv/bin/python bench/gateway.py --store sqlite --connections 32  # traffic store off and on
+    .venv/bin/python bench/gateway.py --poll-ui                        # with and without /ui polling
+    .venv/bin/python bench/gateway.py --limits --connections 1,32      # key limits: off, in process, Redis
 
 wrk and nginx share core 0, Triage gets core 1 (and up, with --workers).
 Numbers from a shared machine are noisy: compare ratios from the same run.
@@ -26,11 +29,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +107,9 @@ class Settings:
     stream_requests: int
     apis: list[str] = field(default_factory=lambda: ["chat"])
     baseline: str | None = None
+    store: str | None = None
+    poll_ui_s: float | None = None
+    limits: bool = False
 
 
 # --- Triage -------------------------------------------------------------------
@@ -169,11 +176,13 @@ class Triage:
         cascade: bool,
         repo: Path = REPO,
         name: str = "triage",
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(triage_config(upstream, self.port, cascade, repo)))
+        config = {**triage_config(upstream, self.port, cascade, repo), **(extra or {})}
+        self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"{name}.log"
         # `python -m router` from this folder runs its code (a baseline worktree's, say).
         self.repo = repo
@@ -259,8 +268,10 @@ def run_wrk(
     core: str,
     measure: Callable[[], float] | None = None,
     path: str = "/v1/chat/completions",
+    auth: str | None = None,
 ) -> WrkRun:
-    """One wrk run; `measure` returns CPU seconds of the process under test (read before and after)."""
+    """One wrk run; `measure` returns CPU seconds of the process under test (read before and after);
+    `auth` is sent as the Authorization header."""
     cmd = [
         "taskset",
         "-c",
@@ -276,6 +287,8 @@ def run_wrk(
         url + path,
     ]
     env = {**os.environ, "BENCH_BODY": body.decode()}
+    if auth is not None:
+        env["BENCH_AUTH"] = auth
     before = measure() if measure else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     after = measure() if measure else 0.0
@@ -441,14 +454,21 @@ def baseline_checkout(rev: str, tmp: Path) -> Iterator[Path]:
         )
 
 
-def baseline_table(
-    s: Settings, wrk: str, triage: Triage, base: Triage, body: bytes, load_core: str
+def alternating_table(
+    s: Settings,
+    wrk: str,
+    title: str,
+    what: str,
+    servers: list[tuple[str, Triage]],
+    body: bytes,
+    load_core: str,
 ) -> dict[str, Any]:
-    """This checkout against the baseline, chat only, rounds alternating."""
+    """Several Triage processes under the same load, rounds alternating so drift hits all alike;
+    the first is the reference of the printed ratios."""
     out: dict[str, Any] = {}
-    print(f"\nthis checkout against {s.baseline} (chat, rounds alternating)")
+    print(f"\n{title}")
     for conns in s.connections:
-        sides = [(Side(s.baseline or "baseline"), base), (Side("this"), triage)]
+        sides = [(Side(label), server) for label, server in servers]
         for _, server in sides:
             run_wrk(wrk, server.url, conns, s.warmup_s, body, load_core)
         for _ in range(s.repeats):
@@ -464,8 +484,253 @@ def baseline_table(
                         measure=lambda server=server: cpu_ticks(server.pids()),  # type: ignore[misc]
                     )
                 )
-        _side_rows("checkouts", conns, [side for side, _ in sides])
+        _side_rows(what, conns, [side for side, _ in sides])
         out[str(conns)] = {side.label: [asdict(r) for r in side.runs] for side, _ in sides}
+    return out
+
+
+def baseline_table(
+    s: Settings, wrk: str, triage: Triage, base: Triage, body: bytes, load_core: str
+) -> dict[str, Any]:
+    """This checkout against the baseline, chat only, rounds alternating."""
+    return alternating_table(
+        s,
+        wrk,
+        f"this checkout against {s.baseline} (chat, rounds alternating)",
+        "checkouts",
+        [(s.baseline or "baseline", base), ("this", triage)],
+        body,
+        load_core,
+    )
+
+
+# --- the traffic store on and off ------------------------------------------------------
+
+BENCH_STORE_DSN_ENV = "TRIAGE_BENCH_STORE_DSN"
+
+
+@contextmanager
+def store_section(kind: str, workdir: Path) -> Iterator[dict[str, Any]]:
+    """The `store:` config of a bench run: SQLite in `workdir`, or a PostgreSQL server started here
+    (Debian's binaries, as the tests run it) whose DSN the Triage process inherits."""
+    if kind == "sqlite":
+        yield {"kind": "sqlite", "data_dir": str(workdir / "store")}
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.store.postgres import find_bindir, postgres_server
+
+    bindir = find_bindir()
+    if bindir is None:
+        sys.exit("bench: --store postgres needs PostgreSQL (bash tests/setup.sh installs it)")
+    with postgres_server(bindir) as server:
+        os.environ[BENCH_STORE_DSN_ENV] = server.dsn()
+        try:
+            yield {"kind": "postgres", "dsn_env": BENCH_STORE_DSN_ENV}
+        finally:
+            os.environ.pop(BENCH_STORE_DSN_ENV, None)
+
+
+def _metric_sum(text: str, name: str) -> float:
+    """The sum of a metric's samples in /metrics text."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
+
+
+def store_table(
+    s: Settings,
+    wrk: str,
+    workdir: Path,
+    upstream: str,
+    cores: str,
+    workers: int | None,
+    triage: Triage,
+    body: bytes,
+    load_core: str,
+) -> dict[str, Any]:
+    """The same config with the traffic store off and on (`--store`), rounds alternating."""
+    assert s.store is not None
+    with store_section(s.store, workdir) as section:
+        stored = Triage(workdir, upstream, cores, workers, s.cascade, name="stored")
+        config = yaml.safe_load(stored.config_path.read_text())
+        stored.config_path.write_text(yaml.safe_dump({**config, "store": section}))
+        with stored:
+            status, _, reply = probe(stored.url, body)
+            if status != 200:
+                raise RuntimeError(f"Triage with the store answered {status}: {reply[:300]!r}")
+            out = alternating_table(
+                s,
+                wrk,
+                f"traffic store ({s.store}) off and on, rounds alternating (goal: on >= 0.90x off)",
+                "store",
+                [("store off", triage), (f"{s.store} on", stored)],
+                body,
+                load_core,
+            )
+            with urllib.request.urlopen(stored.url + "/metrics", timeout=10) as resp:
+                metrics = resp.read().decode()
+        written = _metric_sum(metrics, "triage_store_written_records_total")
+        dropped = _metric_sum(metrics, "triage_store_dropped_records_total")
+        print(f"    store: {written:.0f} records written before the last scrape, {dropped:.0f} dropped")
+        out["written"], out["dropped"] = written, dropped
+    return out
+
+
+# --- key limits: off, in process, in Redis -------------------------------------------
+
+BENCH_KEYS_ENV = "TRIAGE_BENCH_KEYS"
+BENCH_REDIS_ENV = "TRIAGE_BENCH_REDIS_URL"
+BENCH_KEY = "sk-bench"
+# Limits every request passes (the point is their cost, not refusals): one of each kind.
+BENCH_LIMITS = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "budget_usd": 10**9}
+
+
+def limits_config(redis: bool) -> dict[str, Any]:
+    """The config sections for one key with every limit on, kept in Redis or in process."""
+    extra: dict[str, Any] = {"auth": {"keys_env": BENCH_KEYS_ENV, "limits": BENCH_LIMITS}}
+    if redis:
+        extra["state"] = {"redis_url_env": BENCH_REDIS_ENV}
+    return extra
+
+
+class RedisServer:
+    """redis-server on a free port, pinned with taskset, append-only (fsync a second) as deployed."""
+
+    def __init__(self, binary: str, workdir: Path, cores: str) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.cores = cores
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = ["taskset", "-c", self.cores, self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd += ["--dir", str(self.workdir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_port(self.port, self.proc, timeout_s=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, grace_s=5.0)
+
+
+def limits_table(
+    s: Settings, wrk: str, sides: list[tuple[Side, Triage, str | None]], body: bytes, load_core: str
+) -> dict[str, Any]:
+    """No limits, limits in process, limits in Redis: rounds interleaved, same body and load."""
+    out: dict[str, Any] = {}
+    print("\nkey limits (requests, tokens and budget on one key), rounds interleaved")
+    for conns in s.connections:
+        runs = [(Side(side.label), server, auth) for side, server, auth in sides]
+        for _, server, auth in runs:
+            run_wrk(wrk, server.url, conns, s.warmup_s, body, load_core, auth=auth)
+        for _ in range(s.repeats):
+            for side, server, auth in runs:
+                side.runs.append(
+                    run_wrk(
+                        wrk,
+                        server.url,
+                        conns,
+                        s.duration_s,
+                        body,
+                        load_core,
+                        measure=lambda server=server: cpu_ticks(server.pids()),  # type: ignore[misc]
+                        auth=auth,
+                    )
+                )
+        _side_rows("limits", conns, [side for side, _, _ in runs])
+        off, local, redis = (side for side, _, _ in runs)
+        p50 = {side.label: _med([x.p50_us for x in side.runs]) for side in (off, local, redis)}
+        rps = {side.label: _med([x.rps for x in side.runs]) for side in (off, local, redis)}
+        print(
+            f"    Redis on adds {p50[redis.label] - p50[local.label]:+.0f} µs at p50 over limits in process "
+            f"(goal <= 100); throughput {rps[redis.label] / rps[off.label]:.3f}x no limits (goal >= 0.9)"
+        )
+        out[str(conns)] = {side.label: [asdict(r) for r in side.runs] for side, _, _ in runs}
+    return out
+
+
+# --- a dashboard polling ------------------------------------------------------------
+
+
+class UiPoller:
+    """A dashboard left open: GETs /ui/api/summary every `every_s` seconds from a thread."""
+
+    def __init__(self, url: str, every_s: float) -> None:
+        self.url = url + "/ui/api/summary"
+        self.every_s = every_s
+        self.errors = 0
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as resp:
+                    resp.read()
+                self.seconds.append(time.perf_counter() - started)
+            except OSError:
+                self.errors += 1
+            self._stop.wait(max(0.0, self.every_s - (time.perf_counter() - started)))
+
+    def __enter__(self) -> UiPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def poll_table(s: Settings, wrk: str, triage: Triage, body: bytes, load_core: str) -> dict[str, Any]:
+    """The same Triage with and without a dashboard polling it, rounds alternating."""
+    assert s.poll_ui_s is not None
+    every = s.poll_ui_s
+    out: dict[str, Any] = {}
+    print(f"\ndashboard polling: /ui/api/summary every {every:g} s in the 'poll' runs, rounds alternating")
+    for conns in s.connections:
+        quiet, polled = Side("no poll"), Side(f"poll {every:g}s")
+        seconds: list[float] = []
+        run_wrk(wrk, triage.url, conns, s.warmup_s, body, load_core)
+        for _ in range(s.repeats):
+            for side in (quiet, polled):
+                poller = UiPoller(triage.url, every) if side is polled else None
+                with poller if poller is not None else nullcontext():
+                    side.runs.append(
+                        run_wrk(
+                            wrk,
+                            triage.url,
+                            conns,
+                            s.duration_s,
+                            body,
+                            load_core,
+                            measure=lambda: cpu_ticks(triage.pids()),
+                        )
+                    )
+                if poller is not None:
+                    seconds += poller.seconds
+                    if poller.errors:
+                        print(f"    {poller.errors} dashboard polls failed")
+        _side_rows("dashboard polling", conns, [quiet, polled])
+        if seconds:
+            print(
+                f"    {len(seconds)} polls answered under load: median "
+                f"{1000 * statistics.median(seconds):.1f} ms, max {1000 * max(seconds):.1f} ms"
+            )
+        out[str(conns)] = {side.label: [asdict(r) for r in side.runs] for side in (quiet, polled)}
     return out
 
 
@@ -614,7 +879,10 @@ def _git_version() -> str:
 
 def run(s: Settings, json_out: Path | None) -> int:
     """Start nginx and Triage, run every table, stop both."""
-    tools = ensure_tools({"nginx": "nginx-light", "wrk": "wrk", "taskset": "util-linux"})
+    needed = {"nginx": "nginx-light", "wrk": "wrk", "taskset": "util-linux"}
+    if s.limits:
+        needed["redis-server"] = "redis-server"
+    tools = ensure_tools(needed)
     if not PYTHON.exists():
         sys.exit(f"bench: {PYTHON} not found; run `bash tests/setup.sh` first")
     workers = s.workers
@@ -686,12 +954,56 @@ def run(s: Settings, json_out: Path | None) -> int:
             results["wrk"] = [asdict(r) for r in rows]
             if s.apis != ["chat"]:
                 results["apis"] = api_table(s, tools["wrk"], triage, model, load_core)
+            if s.poll_ui_s is not None:
+                results["poll_ui"] = poll_table(s, tools["wrk"], triage, body, load_core)
             if s.baseline is not None:
                 with (
                     baseline_checkout(s.baseline, Path(tmp)) as checkout,
                     Triage(Path(tmp), upstream, triage_cores, workers, s.cascade, checkout, "base") as base,
                 ):
                     results["baseline"] = baseline_table(s, tools["wrk"], triage, base, body, load_core)
+            if s.store is not None:
+                results["store"] = store_table(
+                    s, tools["wrk"], Path(tmp), upstream, triage_cores, workers, triage, body, load_core
+                )
+            if s.limits:
+                with (
+                    RedisServer(tools["redis-server"], Path(tmp) / "redis", load_core) as redis,
+                    _limits_env(redis.url),
+                    Triage(
+                        Path(tmp),
+                        upstream,
+                        triage_cores,
+                        workers,
+                        s.cascade,
+                        name="local",
+                        extra=limits_config(redis=False),
+                    ) as local,
+                    Triage(
+                        Path(tmp),
+                        upstream,
+                        triage_cores,
+                        workers,
+                        s.cascade,
+                        name="redis",
+                        extra=limits_config(redis=True),
+                    ) as shared,
+                ):
+                    auth = f"Bearer {BENCH_KEY}"
+                    for server in (local, shared):
+                        req = urllib.request.Request(
+                            server.url + "/v1/chat/completions",
+                            data=body,
+                            headers={"content-type": "application/json", "authorization": auth},
+                        )
+                        with urllib.request.urlopen(req, timeout=10) as resp:
+                            assert resp.status == 200
+                    sides = [
+                        (Side("no limits"), triage, None),
+                        (Side("in process"), local, auth),
+                        (Side("Redis"), shared, auth),
+                    ]
+                    results["limits"] = limits_table(s, tools["wrk"], sides, body, load_core)
             if s.stream:
                 os.sched_setaffinity(0, {int(load_core)})
                 d, v = asyncio.run(
@@ -709,6 +1021,22 @@ def run(s: Settings, json_out: Path | None) -> int:
         json_out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
         print(f"\nraw results: {json_out}")
     return 0
+
+
+@contextmanager
+def _limits_env(redis_url: str) -> Iterator[None]:
+    """The bench key and the Redis URL in the environment the Triage processes inherit."""
+    saved = {k: os.environ.get(k) for k in (BENCH_KEYS_ENV, BENCH_REDIS_ENV)}
+    os.environ[BENCH_KEYS_ENV] = f"bench:{BENCH_KEY}"
+    os.environ[BENCH_REDIS_ENV] = redis_url
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _connections(text: str) -> list[int]:
@@ -761,6 +1089,26 @@ def main(argv: list[str] | None = None) -> int:
         help="also compare these APIs through Triage, e.g. chat,responses,messages (first = reference)",
     )
     p.add_argument("--baseline", help="also run this git revision's Triage and compare (chat)")
+    p.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        help="also compare Triage with the traffic store off and on (postgres: a server started here)",
+    )
+    p.add_argument(
+        "--poll-ui",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="also compare Triage with and without a dashboard polling /ui/api/summary every SECONDS "
+        "(default 2, the page's own rate), rounds alternating",
+    )
+    p.add_argument(
+        "--limits",
+        action="store_true",
+        help="also compare one key with every limit on, in process and in Redis (redis-server), "
+        "against no limits",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.repeats, a.warmup = 3, 1, 1
@@ -777,6 +1125,9 @@ def main(argv: list[str] | None = None) -> int:
         stream_requests=a.stream_requests,
         apis=a.apis,
         baseline=a.baseline,
+        store=a.store,
+        poll_ui_s=a.poll_ui,
+        limits=a.limits,
     )
     try:
         return run(s, a.json)

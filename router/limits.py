@@ -14,7 +14,9 @@ expiry: budgets hold across restarts of every gateway (and of Redis, when it per
 One Lua script does a whole batch: the charges (tokens and spend) of answers finished since
 the last batch, then the admission of every request that arrived in the meantime, in one
 round trip. A batch is gathered while the event loop runs the handlers that are ready, so one
-round trip serves as many requests as arrived together.
+round trip serves as many requests as arrived together. A charge waits up to
+`CHARGE_DELAY_S` for the next admission to ride with (under steady traffic a request costs
+one round trip, not two); the charges always go before the admissions of their batch.
 
 Charges are fire-and-forget for the request but never dropped: a charge Redis does not take is
 kept (`triage_shared_state_pending_usd`) and sent again with the next batch, after
@@ -88,6 +90,9 @@ return out
 # What an admission resolves to: (code, wait in ms); see `SharedLimits.check`.
 Admission = asyncio.Future[tuple[int, int]]
 
+# Longest a charge waits for an admission batch to go with, before it goes alone.
+CHARGE_DELAY_S = 0.002
+
 _ADMITTED = 0
 _UNAVAILABLE = -1
 _LIMITS = {1: "budget_exceeded", 2: "tokens_per_minute", 3: "requests_per_minute"}
@@ -117,6 +122,7 @@ class SharedLimits:
         self._charges: dict[str, _Charge] = {}
         self._gathering = False
         self._retry: asyncio.TimerHandle | None = None
+        self._soon: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._keys: dict[str, tuple[str, str, str]] = {}
 
@@ -174,7 +180,8 @@ class SharedLimits:
             pending = self._charges[name] = _Charge()
         pending.tokens += tokens
         pending.usd += usd
-        self._gather()
+        if not self._gathering and self._soon is None:
+            self._soon = asyncio.get_running_loop().call_later(CHARGE_DELAY_S, self._gather)
 
     def _gather(self) -> None:
         # The first admission or charge of a batch starts its task; the others of the same
@@ -187,6 +194,9 @@ class SharedLimits:
 
     async def _send(self) -> None:
         self._gathering = False
+        if self._soon is not None:
+            self._soon.cancel()  # the charges go with this batch
+            self._soon = None
         admits, self._admits = self._admits, []
         charges, self._charges = self._charges, {}
         if not admits and not charges:

@@ -101,6 +101,15 @@ class RedisServer:
         )
         return out.stdout.strip()
 
+    def spent(self, key: str, at_least: float, prefix: str = "triage:") -> float:
+        """The key's spend once it reaches `at_least` (charges reach Redis just after answers)."""
+        deadline = time.monotonic() + 10
+        while True:
+            value = float(self.command("GET", f"{prefix}spend:{key}") or 0)
+            if value >= at_least * (1 - 1e-9) or time.monotonic() > deadline:
+                return value
+            time.sleep(0.01)
+
     def stop(self) -> None:
         """Stop for good (at the end of the test)."""
         if self.proc is not None:

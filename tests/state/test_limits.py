@@ -43,17 +43,18 @@ def test_tokens_charged_on_one_gateway_limit_the_other(
 ) -> None:
     upstreams.small.prompt_tokens = 100  # 105 tokens an answer
     raw = shared(upstreams, {"tokens_per_minute": 150})
+    cost = (100 * 0.1 + 5 * 0.2) / 1e6
     with make_gateway(raw) as a, make_gateway(raw) as b:
         assert post(a.url).status_code == 200
+        redis_server.spent("alice", cost)
         assert post(b.url).status_code == 200  # 45 tokens left: admitted, then overdrawn
+        redis_server.spent("alice", 2 * cost)
         over = post(a.url)
         assert over.status_code == 429
         assert over.json()["error"]["code"] == "tokens_per_minute"
         assert b.metric("triage_rate_limited_total", {"key": "alice", "limit": "tokens_per_minute"}) == 0
         assert a.metric("triage_rate_limited_total", {"key": "alice", "limit": "tokens_per_minute"}) == 1
-    assert float(redis_server.command("GET", "triage:spend:alice")) == pytest.approx(
-        2 * (100 * 0.1 + 5 * 0.2) / 1e6
-    )
+    assert float(redis_server.command("GET", "triage:spend:alice")) == pytest.approx(2 * cost)
 
 
 def test_budget_survives_a_restart_of_every_gateway(
@@ -64,7 +65,10 @@ def test_budget_survives_a_restart_of_every_gateway(
     with ExitStack() as stack:
         urls = [stack.enter_context(triage_process(cfg)).url for _ in range(2)]
         # Four answers fit under the budget's line (the fourth crosses it); the fifth is refused.
-        codes = [post(urls[i % 2]).status_code for i in range(5)]
+        codes = []
+        for i in range(5):
+            codes.append(post(urls[i % 2]).status_code)
+            redis_server.spent("alice", min(i + 1, 4) * COST, prefix="t1:")
         assert codes == [200] * 4 + [429]
     assert float(redis_server.command("GET", "t1:spend:alice")) == pytest.approx(4 * COST)
     with ExitStack() as stack:
