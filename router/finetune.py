@@ -10,8 +10,7 @@ turns that ends with the assistant answer to learn. They differ in what else a l
   history.
 - `messages`: the same turns without `weight` (TRL's `SFTTrainer` and most trainers do not
   read it), plus the example's metadata next to them (`family`, `source`, `score`,
-  `request_id`, `ts`); trainers that load the file with `datasets` keep them as columns
-  and only read `messages`.
+  `request_id`, `ts`), which `datasets` loads as extra columns beside `messages`.
 
 `validate_openai` implements the format checks of OpenAI's chat fine-tuning data
 preparation (the `Chat_finetuning_data_prep` cookbook) and the message shapes of the API
