@@ -123,31 +123,33 @@ class StoredRequest(RequestRecord):
     shadows: list[ShadowRecord] = field(default_factory=list)
 
 
-_PLAIN = tuple(c for c, _ in REQUEST_COLUMNS if c not in ("attempted", "prompt", "messages", "answer"))
-_plain = attrgetter(*_PLAIN)
-_shadow_plain = attrgetter(*(c for c, _ in SHADOW_COLUMNS))
+_REQUEST_NAMES = tuple(c for c, _ in REQUEST_COLUMNS)
+_request_values = attrgetter(*_REQUEST_NAMES)
+_ATTEMPTED, _PROMPT, _MESSAGES, _ANSWER = (
+    _REQUEST_NAMES.index(c) for c in ("attempted", "prompt", "messages", "answer")
+)
+_shadow_values = attrgetter(*(c for c, _ in SHADOW_COLUMNS))
 
 
 def request_row(
     writer: str, seq: int, rec: RequestRecord, prompt: str | None, messages: str | None, answer: str | None
 ) -> tuple[Any, ...]:
     """The row for a request record, with its (already redacted) captured text."""
-    values = dict(zip(_PLAIN, _plain(rec), strict=True))
-    values["attempted"] = ",".join(rec.attempted)
-    values["prompt"], values["messages"], values["answer"] = prompt, messages, answer
+    values = list(_request_values(rec))
+    values[_ATTEMPTED] = ",".join(rec.attempted)
+    values[_PROMPT], values[_MESSAGES], values[_ANSWER] = prompt, messages, answer
     size = sum(len(t.encode()) for t in (prompt, messages, answer) if t)
-    return (writer, seq, *(values[c] for c, _ in REQUEST_COLUMNS), size)
+    return (writer, seq, *values, size)
 
 
 def shadow_row(writer: str, seq: int, rec: ShadowRecord, teacher_answer: str | None) -> tuple[Any, ...]:
     """The row for a shadow comparison, with the teacher's (already redacted) text."""
-    values = list(_shadow_plain(rec))
+    values = list(_shadow_values(rec))
     values[4] = teacher_answer
     return (writer, seq, *values, len(teacher_answer.encode()) if teacher_answer else 0)
 
 
 _BOOLS = {"stream", "shadowed", "captured"}
-_REQUEST_NAMES = tuple(c for c, _ in REQUEST_COLUMNS)
 
 
 def request_from_row(row: tuple[Any, ...]) -> StoredRequest:
