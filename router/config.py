@@ -629,8 +629,14 @@ def load_config(
         var = getattr(config.auth, field)
         if var and not env.get(var):
             secrets.append(f"  auth.{field}  environment variable {var} is not set")
-    if config.state is not None and not env.get(config.state.redis_url_env):
-        secrets.append(f"  state.redis_url_env  environment variable {config.state.redis_url_env} is not set")
+    if config.state is not None:
+        var = config.state.redis_url_env
+        url = env.get(var)
+        if not url:
+            secrets.append(f"  state.redis_url_env  environment variable {var} is not set")
+        elif not url.startswith(("redis://", "rediss://", "unix://")):
+            # Not echoed: the URL may hold a password.
+            problems.append(f"  state.redis_url_env  {var} must hold a redis://, rediss:// or unix:// URL")
     kpath = config.auth.keys_file
     if kpath is not None and not kpath.is_absolute():
         kpath = (path.parent / kpath).resolve()

@@ -219,17 +219,18 @@ class SharedLimits:
         started = loop.time()
         try:
             result = await self.state.run(self._script, keys, args, "limits")
+            self.metrics.state_duration.observe(loop.time() - started)
+            self.metrics.state_pending_usd.set(sum(c.usd for c in self._charges.values()))
+            for n, (_, fut) in enumerate(admits):
+                if not fut.done():
+                    fut.set_result((int(result[2 * n]), int(result[2 * n + 1])))
         except Unavailable:
             self._keep(charges)
+        finally:
+            # Whatever went wrong (cancelled at shutdown included), no request waits forever.
             for _, fut in admits:
                 if not fut.done():
                     fut.set_result((_UNAVAILABLE, 0))
-            return
-        self.metrics.state_duration.observe(loop.time() - started)
-        self.metrics.state_pending_usd.set(sum(c.usd for c in self._charges.values()))
-        for n, (_, fut) in enumerate(admits):
-            if not fut.done():
-                fut.set_result((int(result[2 * n]), int(result[2 * n + 1])))
 
     def _keep(self, charges: dict[str, _Charge]) -> None:
         """Charges Redis did not take go back in the queue, and are sent again after retry_s."""
