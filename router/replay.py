@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import cast
 
 from classifiers import Scorer
-from router.config import ApiName, Config
+from router.config import API_NAMES, ApiName, Config
 from router.errors import GatewayError
 from router.policy import RequestContext, load_policy
 from router.records import RequestRecord, ShadowRecord
@@ -214,6 +214,8 @@ def _replayable(record: RequestRecord) -> str | None:
         return record.reason
     if record.score is None:
         return "unscored"
+    if record.api not in API_NAMES:  # (written by a gateway that speaks more formats)
+        return "unknown api"
     return None
 
 

@@ -222,3 +222,19 @@ def test_replay_reads_a_gateways_store(
     assert "not replayed: 1 (pinned 1)" in text
     assert "routes changed: 0 to a student, 4 to the teacher" in text
     assert "student share (routed)              100.0%          0.0%" in text
+
+
+def test_a_candidates_share_controller_moves_its_thresholds_as_it_replays() -> None:
+    # 400 requests with scores spread over [0, 1); the student's threshold is 0.4 and the
+    # candidate aims at a 70% student share: its controller raises the threshold as it goes,
+    # so the candidate routes more than 40% (the fixed threshold's share) to the student.
+    scores = [((i * 37) % 400) / 400 for i in range(400)]
+    records = [stored(i, s, ("small",) if s < 0.4 else ("teacher",)) for i, s in enumerate(scores)]
+    fixed = replay(records, config(0.4), config(0.4), None)
+    assert fixed.candidate.student_share == fixed.happened.student_share == 0.4
+    steered = config(0.4)
+    routing = steered.routing.model_copy(update={"target_student_share": 0.7, "share_window": 100})
+    steered = steered.model_copy(update={"routing": routing})
+    result = replay(records, config(0.4), steered, None)
+    assert 0.55 < result.candidate.student_share < 0.75
+    assert result.moved_to_student > 0 and result.moved_to_teacher == 0
