@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import random
+import signal
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import openai
 import pytest
+import yaml
 
 from router.config import CaptureConfig, StoreConfig
 from router.records import RequestRecord, ShadowRecord
 from router.store import Database, TrafficStore, read_traffic, sqlite_path
 from router.store.schema import REQUEST_COLUMNS, SHADOW_COLUMNS
 from tests.conftest import GatewayFactory, Upstreams, base_config
+from tests.loopback import triage_process
 
 
 def record(i: int, ts: float | None = None, **fields: Any) -> RequestRecord:
@@ -241,3 +246,53 @@ def test_reading_a_time_range(
     store.close()
     got = [r.ts for r in read_traffic(config, since, until)]
     assert got == sorted(got) and len(got) == expected
+
+
+def _served_rows(raw: dict[str, Any], tmp_path: Path, *args: str, reload_after: int | None = None) -> int:
+    """Serve `raw` with `triage serve *args`, send 200 requests over 8 connections (reloading the
+    config after `reload_after`), stop it cleanly; the number of requests sent."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    with triage_process(cfg, *args) as served:
+        clients = [httpx.Client(base_url=served.url) for _ in range(8)]
+
+        def one(i: int) -> None:
+            resp = clients[i % 8].post(
+                "/v1/chat/completions",
+                json={"model": "auto", "messages": [{"role": "user", "content": "thanks"}]},
+                headers={"x-request-id": f"q{i}"},
+            )
+            assert resp.status_code == 200
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(100)))
+            if reload_after is not None:
+                assert clients[0].post("/admin/reload").status_code == 200
+            list(pool.map(one, range(100, 200)))
+        for client in clients:
+            client.close()
+        served.proc.terminate()
+        assert served.proc.wait(30) in (0, -signal.SIGTERM)
+    return 200
+
+
+def _writers(tmp_path: Path) -> dict[str, int]:
+    with sqlite3.connect(sqlite_path(StoreConfig(data_dir=tmp_path / "data"))) as conn:
+        return dict(conn.execute("SELECT writer, COUNT(*) FROM triage_requests GROUP BY writer").fetchall())
+
+
+def test_each_worker_writes_its_own_batches(upstreams: Upstreams, tmp_path: Path) -> None:
+    raw = base_config(upstreams.urls)
+    raw["store"] = {"data_dir": "data", "flush_interval_s": 0.05}  # beside the config file
+    sent = _served_rows(raw, tmp_path, "--workers", "2")
+    ids = [r.request_id for r in read_traffic(StoreConfig(data_dir=tmp_path / "data"))]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(sent))
+    assert 1 <= len(_writers(tmp_path)) <= 2
+
+
+def test_a_reload_keeps_the_store(upstreams: Upstreams, tmp_path: Path) -> None:
+    raw = base_config(upstreams.urls)
+    raw["store"] = {"data_dir": "data", "flush_interval_s": 0.05}
+    raw["admin"] = {"reload_endpoint": True}
+    sent = _served_rows(raw, tmp_path, reload_after=100)
+    assert list(_writers(tmp_path).values()) == [sent]  # one writer, before and after the reload
