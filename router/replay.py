@@ -34,7 +34,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -43,7 +43,15 @@ from router.config import API_NAMES, ApiName, Config
 from router.errors import GatewayError
 from router.policy import RequestContext, load_policy
 from router.records import RequestRecord, ShadowRecord
-from router.workload import Workloads, add_store_command, escalated, load_stored, percent, ratio
+from router.workload import (
+    Workloads,
+    add_store_command,
+    escalated,
+    load_stored,
+    percent,
+    ratio,
+    request_family,
+)
 
 __all__ = ["BandStats", "Column", "Replay", "add_subcommand", "replay"]
 
@@ -233,14 +241,16 @@ def replay(
     """
     result = Replay(bands=[BandStats() for _ in range(bands)])
     students_then = frozenset(m.name for m in current.students)
-    records: list[RequestRecord] = []
+    policy = load_policy(candidate, lambda: None)
+    # The band estimates need every request before the first is re-routed, so one pass
+    # keeps what the second needs: the score, the size, and the record without its text.
+    pending: list[tuple[RequestRecord, float, int]] = []
     for record in traffic:
         why = _replayable(record)
         if why is not None:
             result.not_replayed[why] += 1
             _as_it_happened(result, record, students_then)
             continue
-        records.append(record)
         assert record.score is not None
         band = result.bands[_band(record.score, bands)]
         band.requests += 1
@@ -250,25 +260,27 @@ def replay(
         for shadow in _shadows(record):
             band.shadows += 1
             band.agreement_sum += shadow.agreement
-    policy = load_policy(candidate, lambda: None)
+        attempts = len(record.attempted)
+        completion_est = math.ceil(record.completion_tokens / attempts)
+        if scorer is not None and record.prompt is not None:
+            score = scorer.score_text(record.prompt)
+            needed = policy.estimate_tokens(len(record.prompt)) + completion_est
+            result.rescored += 1
+        else:
+            score = record.score
+            needed = math.ceil(record.prompt_tokens / attempts) + completion_est
+            result.stored_scores += 1
+        pending.append((_without_text(record), score, needed))
     alias = candidate.routing.alias
     teacher = candidate.teacher.name
     prices = {m.name: (m.price.input_per_mtok / 1e6, m.price.output_per_mtok / 1e6) for m in candidate.models}
     students_now = frozenset(m.name for m in candidate.students)
-    for record in records:
+    for record, score, needed in pending:
         assert record.score is not None
         stats = result.bands[_band(record.score, bands)]
         attempts = len(record.attempted)
         prompt_tokens = record.prompt_tokens / attempts
         completion_tokens = record.completion_tokens / attempts
-        if scorer is not None and record.prompt is not None:
-            score = scorer.score_text(record.prompt)
-            needed = policy.estimate_tokens(len(record.prompt)) + math.ceil(completion_tokens)
-            result.rescored += 1
-        else:
-            score = record.score
-            needed = math.ceil(prompt_tokens + completion_tokens)
-            result.stored_scores += 1
         ctx = RequestContext(cast(ApiName, record.api), alias, None, score, needed, frozenset(), record.key)
         try:
             model = policy.decide(ctx).model.name
@@ -311,6 +323,15 @@ def _as_it_happened(result: Replay, record: RequestRecord, students: frozenset[s
     first_student = bool(record.attempted) and record.attempted[0] in students
     for table in (result.by_family, result.by_key):
         table.add(record, _shadows(record), students, first_student, record.cost_usd)
+
+
+def _without_text(record: RequestRecord) -> RequestRecord:
+    """A copy that keeps the request's family but none of its captured text (memory)."""
+    shadows = [replace(s, teacher_answer=None) for s in _shadows(record)]
+    light = replace(record, prompt=None, messages=None, answer=None, family=request_family(record))
+    if shadows:
+        light.shadows = shadows  # type: ignore[attr-defined]
+    return light
 
 
 def _shadows(record: RequestRecord) -> list[ShadowRecord]:
