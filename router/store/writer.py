@@ -256,20 +256,24 @@ class TrafficStore:
             )
 
     def _maintain(self) -> None:
+        """Retention and the capture limits, every `store.maintenance_interval_s` (traffic or not)."""
         now = time.monotonic()
-        if now < self._next_maintenance or self._db is None:
+        if now < self._next_maintenance:
+            return
+        db = self._connected()
+        if db is None:
             return
         self._next_maintenance = now + self.config.maintenance_interval_s
         cap = self.capture.max_mb
         try:
-            pruned = self._db.prune(
+            pruned = db.prune(
                 time.time(),
                 self.config.retention_days,
                 self.capture.retention_days,
                 None if cap is None else int(cap * 1024 * 1024),
             )
         except Exception as exc:  # noqa: BLE001
-            self._db.close()
+            db.close()
             self._db = None
             self._failed("maintain", exc)
             self._next_maintenance = 0.0  # try again once the database is back

@@ -296,3 +296,18 @@ def test_a_reload_keeps_the_store(upstreams: Upstreams, tmp_path: Path) -> None:
     raw["admin"] = {"reload_endpoint": True}
     sent = _served_rows(raw, tmp_path, reload_after=100)
     assert list(_writers(tmp_path).values()) == [sent]  # one writer, before and after the reload
+
+
+def test_the_writer_enforces_retention_by_itself(tmp_path: Path) -> None:
+    config = store_config(tmp_path, retention_days=1.0, maintenance_interval_s=0.05)
+    store = TrafficStore(config, CaptureConfig()).start()
+    try:
+        store.request(record(0, ts=time.time() - 2 * 86400, request_id="old"))
+        store.request(record(1, request_id="new"))
+        assert store.flush()
+        deadline = time.monotonic() + 10
+        while [r.request_id for r in read_traffic(config)] != ["new"]:
+            assert time.monotonic() < deadline, "the old row was never deleted"
+            time.sleep(0.05)
+    finally:
+        store.close()
