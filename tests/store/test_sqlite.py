@@ -21,6 +21,7 @@ from router.store import Database, TrafficStore, read_traffic, sqlite_path
 from router.store.schema import REQUEST_COLUMNS, SHADOW_COLUMNS
 from tests.conftest import GatewayFactory, Upstreams, base_config
 from tests.loopback import triage_process
+from tests.router.stored_traffic import serve_and_store
 
 
 def record(i: int, ts: float | None = None, **fields: Any) -> RequestRecord:
@@ -66,38 +67,33 @@ def test_every_record_field_has_a_column() -> None:
 def test_gateway_requests_come_back_with_their_shadows(
     upstreams: Upstreams, make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
-    upstreams.small.text = "the student says this"
-    upstreams.teacher.text = "the teacher says that"
-    raw = base_config(upstreams.urls, shadow_rate=1.0)
-    raw["store"] = {"data_dir": str(tmp_path / "data"), "flush_interval_s": 0.05}
-    raw["capture"] = {"enabled": True}
-    with make_gateway(raw) as gw:
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    answered: dict[str, tuple[str, float, int]] = {}  # request id -> model, score, prompt tokens
+
+    def send(client: openai.OpenAI) -> None:
         for i in range(5):
-            client.chat.completions.create(
+            raw = client.chat.completions.with_raw_response.create(
                 model="auto",
                 messages=[{"role": "user", "content": f"thanks, write to me at ann{i}@example.com"}],
                 extra_headers={"x-request-id": f"req-{i}"},
             )
-        compared = {"model": "student-small", "outcome": "compared"}
-        deadline = time.monotonic() + 5
-        while gw.metric("triage_shadow_requests_total", compared) < 5:
-            assert time.monotonic() < deadline, "shadow comparisons did not finish"
-            time.sleep(0.02)
+            usage = raw.parse().usage
+            assert usage is not None
+            answered[f"req-{i}"] = (
+                raw.headers["x-triage-model"],
+                float(raw.headers["x-triage-score"]),
+                usage.prompt_tokens,
+            )
+
+    config, _ = serve_and_store(upstreams, make_gateway, tmp_path, send, shadows=5)
     # The gateway has stopped: a clean shutdown wrote everything.
-    rows = list(read_traffic(StoreConfig(data_dir=tmp_path / "data")))
+    rows = list(read_traffic(StoreConfig.model_validate(config["store"])))
     assert [r.request_id for r in rows] == [f"req-{i}" for i in range(5)]
-    recent = {r.request_id: r for r in gw.app.state.recorder.recent}
     for row in rows:
-        kept = recent[row.request_id]
-        assert (row.model, row.reason, row.score, row.prompt_tokens, row.cost_usd) == (
-            kept.model,
-            kept.reason,
-            kept.score,
-            kept.prompt_tokens,
-            kept.cost_usd,
-        )
+        model, score, prompt_tokens = answered[row.request_id]
+        assert row.score is not None and abs(row.score - score) < 1e-3
+        assert (row.model, row.reason, row.prompt_tokens) == (model, "classifier", prompt_tokens)
         assert row.attempted == ("student-small",) and row.shadowed and row.captured
+        assert row.cost_usd == pytest.approx((row.prompt_tokens * 0.1 + row.completion_tokens * 0.2) / 1e6)
         assert row.prompt is not None and "@" not in row.prompt and "[EMAIL]" in row.prompt
         assert row.messages is not None and "[EMAIL]" in row.messages[-1]["content"]
         assert row.answer == "the student says this"
