@@ -218,7 +218,7 @@ class SharedLimits:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            result = await self.state.run(self._script, keys, args, "limits")
+            result = await self.state.eval(self._script, keys, args, "limits")
             self.metrics.state_duration.observe(loop.time() - started)
             self.metrics.state_pending_usd.set(sum(c.usd for c in self._charges.values()))
             for n, (_, fut) in enumerate(admits):
