@@ -37,7 +37,7 @@ log = logging.getLogger("triage.store")
 # At most one log line this often for failed writes and for drops.
 _LOG_EVERY_S = 10.0
 # Waits between attempts to reach a database that failed, doubling up to the last.
-_RETRY_S = (0.25, 0.5, 1.0, 2.0, 5.0)
+_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 class TrafficStore:
