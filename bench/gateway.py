@@ -591,7 +591,9 @@ def limits_config(redis: bool) -> dict[str, Any]:
     """The config sections for one key with every limit on, kept in Redis or in process."""
     extra: dict[str, Any] = {"auth": {"keys_env": BENCH_KEYS_ENV, "limits": BENCH_LIMITS}}
     if redis:
-        extra["state"] = {"redis_url_env": BENCH_REDIS_ENV}
+        # A generous timeout: on a loaded machine a Redis call that timed out would be skipped
+        # (fail_open, cheaper than a round trip) instead of measured.
+        extra["state"] = {"redis_url_env": BENCH_REDIS_ENV, "timeout_s": 2.0}
     return extra
 
 
