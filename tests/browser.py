@@ -72,7 +72,15 @@ class Chromium:
                 targets = json.loads(resp.read())
             page = next(t for t in targets if t.get("type") == "page")
             self._ws = self._stack.enter_context(
-                connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+                # Events pile up between commands: an unbounded queue, and no keepalive pings
+                # (a full queue would leave their pongs unread and close the connection).
+                connect(
+                    page["webSocketDebuggerUrl"],
+                    max_size=None,
+                    max_queue=None,
+                    ping_interval=None,
+                    open_timeout=10,
+                )
             )
             self.call("Page.enable")
             self.call("Runtime.enable")

@@ -70,8 +70,9 @@ def served(upstreams: Upstreams, tmp_path: Path) -> Iterator[ServeProcess]:
         yield proc
 
 
-def scrape(url: str) -> stats.Summary:
-    resp = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+def scrape(url: str, token: str = METRICS_TOKEN) -> stats.Summary:
+    """`triage stats`'s numbers from the gateway's /metrics."""
+    resp = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {token}"})
     assert resp.status_code == 200
     return stats.summarize(stats.Snapshot.from_text(resp.text))
 
@@ -108,8 +109,9 @@ def page_equals_metrics(page: dict[str, Any], s: stats.Summary, key_spend: dict[
     assert dict(page["keys"]) == key_spend
 
 
-def key_spend(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}).text
+def key_spend(url: str, token: str = METRICS_TOKEN) -> dict[str, float]:
+    """Spend per key name, from /metrics."""
+    text = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {token}"}).text
     snap = stats.Snapshot.from_text(text)
     return snap.by("triage_key_cost_usd_total", "key")
 
