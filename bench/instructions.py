@@ -11,6 +11,7 @@ outside valgrind, and prints instructions per request and their ratio.
     .venv/bin/python bench/instructions.py --baseline d9b51c6 --api messages   # one API this side
     .venv/bin/python bench/instructions.py --baseline d9b51c6 --cache-sim     # + simulated cache misses
     .venv/bin/python bench/instructions.py --baseline d9b51c6 --mode pinned   # no scoring
+    .venv/bin/python bench/instructions.py --store sqlite    # this checkout, traffic store off and on
 
 The baseline always sends chat; `--api` picks what this checkout is sent (chat,
 responses or messages), so a translated API's cost shows next to chat's.
@@ -22,6 +23,11 @@ request, and a cycle estimate (instructions + 10 per L1 miss + 100 per last-leve
 a common rule of thumb) that tracks wall time better than instructions alone.
 `--mode pinned` sends `model: student-small`, so the classifier never runs: what is
 left is the gateway's own path.
+
+`--store sqlite|postgres` compares this checkout with the traffic store off and on
+instead of two checkouts. Counting goes on for `STORE_SETTLE_S` after the last answer on
+both sides, so the store's writer thread has written every counted request's row
+(callgrind counts every thread of the process).
 """
 
 from __future__ import annotations
@@ -39,21 +45,33 @@ from pathlib import Path
 import aiohttp
 import yaml
 from canned import API_PATHS, REPO, CannedUpstream, api_body, ensure_tools, free_port, wait_port
-from gateway import PYTHON, STUDENT, baseline_checkout, probe, triage_config
+from gateway import PYTHON, STUDENT, baseline_checkout, probe, store_section, triage_config
 
 # callgrind's event names with --cache-sim=yes, and the cycle estimate's weights.
 _MISSES = {"L1 misses": ("I1mr", "D1mr", "D1mw"), "LL misses": ("ILmr", "DLmr", "DLmw")}
 _CYCLES = {"Ir": 1, "L1 misses": 10, "LL misses": 100}
+# With --store, counting stays on this long after the last answer (past the store's flush interval).
+STORE_SETTLE_S = 3.0
 
 
 def _count(
-    repo: Path, upstream: str, tmp: Path, name: str, api: str, requests: int, model: str, cache_sim: bool
+    repo: Path,
+    upstream: str,
+    tmp: Path,
+    name: str,
+    api: str,
+    requests: int,
+    model: str,
+    cache_sim: bool,
+    extra: dict[str, object] | None = None,
+    settle_s: float = 0.0,
 ) -> dict[str, float]:
-    """Events per request of one checkout's `triage serve` (cascade off): `Ir` (instructions),
-    and with `cache_sim` the cache misses and the cycle estimate."""
+    """Events per request of one checkout's `triage serve` (cascade off, plus `extra` config
+    sections): `Ir` (instructions), and with `cache_sim` the cache misses and the cycle estimate.
+    Counting goes on for `settle_s` after the last answer."""
     port = free_port()
     config = tmp / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(triage_config(upstream, port, False, repo)))
+    config.write_text(yaml.safe_dump({**triage_config(upstream, port, False, repo), **(extra or {})}))
     out = tmp / f"{name}.callgrind"
     cmd = [
         "valgrind",
@@ -86,6 +104,7 @@ def _count(
         asyncio.run(_send(url + API_PATHS[api], body, 200))  # warm-up: caches, first-call paths
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
         asyncio.run(_send(url + API_PATHS[api], body, requests))
+        time.sleep(settle_s)
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
         # Written now: a SIGTERM'd server re-raises the signal, and then callgrind writes nothing.
         subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
@@ -142,7 +161,13 @@ async def _send(url: str, body: bytes, requests: int, connections: int = 32) -> 
 def main(argv: list[str] | None = None) -> int:
     """Count both sides and print the ratio."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", required=True, help="git revision to compare against (sent chat)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--baseline", help="git revision to compare against (sent chat)")
+    which.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        help="compare this checkout with the traffic store off and on",
+    )
     p.add_argument("--api", choices=sorted(API_PATHS), default="chat", help="what this checkout is sent")
     p.add_argument("--requests", type=int, default=2000, help="requests counted per side")
     p.add_argument("--keep", action="store_true", help="keep the callgrind files and logs (printed)")
@@ -159,16 +184,39 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="triage-instr-"))
     try:
         with CannedUpstream(tools["nginx"], tmp / "nginx", "0") as nginx:
-            with baseline_checkout(a.baseline, tmp) as checkout:
-                base = _count(checkout, nginx.json_url, tmp, "base", "chat", a.requests, model, a.cache_sim)
-            this = _count(REPO, nginx.json_url, tmp, "this", a.api, a.requests, model, a.cache_sim)
+            if a.store is not None:
+                with store_section(a.store, tmp) as section:
+                    sides = ("store off", f"{a.store} on")
+                    settle = STORE_SETTLE_S
+                    base = _count(
+                        REPO, nginx.json_url, tmp, "off", a.api, a.requests, model, a.cache_sim, None, settle
+                    )
+                    this = _count(
+                        REPO,
+                        nginx.json_url,
+                        tmp,
+                        "on",
+                        a.api,
+                        a.requests,
+                        model,
+                        a.cache_sim,
+                        {"store": section},
+                        settle,
+                    )
+            else:
+                sides = (f"{a.baseline} (chat)", f"this ({a.api})")
+                with baseline_checkout(a.baseline, tmp) as checkout:
+                    base = _count(
+                        checkout, nginx.json_url, tmp, "base", "chat", a.requests, model, a.cache_sim
+                    )
+                this = _count(REPO, nginx.json_url, tmp, "this", a.api, a.requests, model, a.cache_sim)
     finally:
         if a.keep:
             print(f"files: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"mode {a.mode}, {a.requests} requests a side; per request:")
-    print(f"{'':22} {a.baseline + ' (chat)':>16} {'this (' + a.api + ')':>16} {'ratio':>7}")
+    print(f"{'':22} {sides[0]:>16} {sides[1]:>16} {'ratio':>7}")
     for event, value in base.items():
         label = "instructions" if event == "Ir" else event
         ratio = this[event] / value if value else float("nan")
