@@ -90,8 +90,10 @@ return out
 # What an admission resolves to: (code, wait in ms); see `SharedLimits.check`.
 Admission = asyncio.Future[tuple[int, int]]
 
-# Longest a charge waits for an admission batch to go with, before it goes alone.
-CHARGE_DELAY_S = 0.002
+# Longest a charge waits for an admission batch to go with, before it goes alone. Tokens and
+# spend are charged after the answer in any case; this delays what other replicas see of them
+# by at most 20 ms, and saves a round trip a request under steady traffic.
+CHARGE_DELAY_S = 0.02
 
 _ADMITTED = 0
 _UNAVAILABLE = -1
