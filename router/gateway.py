@@ -65,6 +65,8 @@ class Gateway:
         self.retry_budget = RetryBudget(routing.retry_budget_ratio, routing.retry_budget_burst)
         # Shared state (`state:`): limits, spend and the share controller in Redis.
         self.state = SharedState(config.state, metrics) if config.state is not None else None
+        if self.state is None:
+            metrics.state_up.set(math.nan)  # no shared state: nothing to be up or down
         self.limits: SharedLimits | None = None
         limits = config.auth.limits
         if self.state is not None and (

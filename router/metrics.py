@@ -473,7 +473,7 @@ class Metrics:
         )
         self.state_up = Gauge(
             "triage_shared_state_up",
-            "1 while this process reaches the shared state (Redis), 0 while it does not; absent "
+            "1 while this process reaches the shared state (Redis), 0 while it does not; NaN "
             "without `state:`.",
             registry=registry,
             multiprocess_mode="livemin",
