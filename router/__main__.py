@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_render(sub)
     add_export(sub)
     add_replay(sub)
+    from classifiers.learn_cli import add_subcommand as add_learn
+
+    add_learn(sub)
     try:
         from classifiers.cli import add_subcommands
     except ImportError:  # pragma: no cover - the classifier CLI ships with the package

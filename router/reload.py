@@ -17,7 +17,7 @@ from typing import Any
 from starlette.applications import Starlette
 
 from classifiers import Scorer, load_scorer
-from router.config import Config, ConfigError, load_config
+from router.config import ClassifierConfig, Config, ConfigError, load_config
 from router.gateway import Gateway
 from router.logs import event
 from router.metrics import Metrics
@@ -32,6 +32,17 @@ def _describe(exc: BaseException) -> str:
     """An exception as a one-line reason, without a traceback."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _file_stamp(classifier: ClassifierConfig) -> tuple[int, int] | None:
+    """When and how big the classifier's file is, so a rewritten file is loaded again."""
+    if classifier.path is None:
+        return None
+    try:
+        st = classifier.path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 class ReloadError(Exception):
@@ -50,6 +61,8 @@ class Reloader:
         self.drain_s = drain_s
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        gateway: Gateway | None = getattr(app.state, "gateway", None)
+        self._stamp = None if gateway is None else _file_stamp(gateway.config.classifier)
 
     async def reload(self) -> Config:
         """Load, validate and swap in the config file; raise ReloadError and keep the old one."""
@@ -59,9 +72,11 @@ class Reloader:
             old: Gateway = self.app.state.gateway
             try:
                 config = load_config(self.config_path)
+                # A new path, or a model file rewritten in place (`triage learn`), loads again.
+                stamp = _file_stamp(config.classifier)
                 scorer: Scorer = (
                     old.scorer
-                    if config.classifier == old.config.classifier
+                    if config.classifier == old.config.classifier and stamp == self._stamp
                     else load_scorer(config.classifier.kind, config.classifier.path)
                 )
                 # Building the gateway reads the keys file and compiles patterns: anything
@@ -73,6 +88,7 @@ class Reloader:
                 raise self._rejected(_describe(exc)) from None
             self.metrics.precreate([m.name for m in config.models], REASONS)
             self.app.state.gateway = new
+            self._stamp = stamp
             self.metrics.reloads.labels("applied").inc()
             self._track(self._retire(old))
             event(
