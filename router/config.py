@@ -436,7 +436,12 @@ class StateConfig(_Strict):
         description="After a failure, how long requests skip Redis (answered by `on_failure` at once) "
         "before the next one tries it again.",
     )
-    max_connections: int = Field(16, gt=0, description="Pooled Redis connections per process.")
+    max_connections: int = Field(
+        16,
+        gt=0,
+        description="Redis connections per process for the limits' batches, and as many again for "
+        "the other calls (the share controller, the last charges at shutdown).",
+    )
     share_controller: bool = Field(
         True, description="Share the student-share controller's window and factor across replicas."
     )
@@ -495,6 +500,11 @@ class CaptureConfig(_Strict):
 
     enabled: bool = Field(False, description="Store the prompt and answer of sampled requests.")
     sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests captured when enabled.")
+    labelled: bool = Field(
+        False,
+        description="When enabled, also keep the prompt of every request a shadow comparison or a failed "
+        "quality check labels, whatever sample_rate draws (what `triage learn` learns from).",
+    )
     redact_emails: bool = Field(True, description="Replace email addresses with [EMAIL].")
     redact_keys: bool = Field(
         True, description="Replace API-key-like strings (sk-..., AKIA..., bearer tokens, JWTs) with [KEY]."
