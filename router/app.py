@@ -257,6 +257,7 @@ def create_app(
         store = open_store(config, metrics)
         if store is not None:
             recorder.sinks.append(store)
+            recorder.capture_labelled = config.capture.enabled and config.capture.labelled
         _log_start(config)
         app.state.ready_at = 0.0
         reloader = Reloader(app, config_path, metrics)

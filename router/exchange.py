@@ -289,6 +289,13 @@ class Exchange:
             record.prompt = self.prompt.text
             record.messages = self._chat_messages()
             record.answer = self.answer_text
+        elif self.gateway.recorder.capture_labelled and (
+            self.shadowed or (self.quality is not None and self.quality != "passed")
+        ):
+            # An outcome labels this request (`triage learn`): keep what was asked, not the answer.
+            record.captured = True
+            record.prompt = self.prompt.text
+            record.messages = self._chat_messages()
         return record
 
     def _chat_messages(self) -> list[dict[str, Any]] | None:

@@ -94,6 +94,9 @@ class Recorder:
     def __init__(self, recent: int = DEFAULT_RECENT) -> None:
         self.recent: deque[RequestRecord] = deque(maxlen=recent)
         self.sinks: list[RecordSink] = []
+        # Keep the prompt of every request a shadow comparison or a failed check labels
+        # (`capture.labelled`), even when capture did not sample it.
+        self.capture_labelled = False
 
     def request(self, record: RequestRecord) -> None:
         """Remember one request and pass it on."""

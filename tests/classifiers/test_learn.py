@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import httpx2 as httpx
@@ -18,7 +19,8 @@ from classifiers.learned import LearnedScorer
 from router.app import create_app
 from router.config import load_config
 from router.records import RequestRecord, ShadowRecord
-from tests.conftest import Upstreams, base_config
+from router.store import read_traffic
+from tests.conftest import GatewayFactory, Upstreams, base_config
 from tests.loopback import serve
 
 
@@ -145,3 +147,26 @@ def test_reload_swaps_a_learned_model_in_without_a_restart(
         L.point_classifier(cfg, again)
         assert httpx.post(url + "/admin/reload").status_code == 200
         assert _score(url, zebra) == pytest.approx(before, abs=1e-3)
+
+
+def test_capture_labelled_keeps_only_the_prompts_outcomes_label(
+    upstreams: Upstreams, make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    raw = base_config(upstreams.urls, shadow_rate=1.0)
+    raw["store"] = {"kind": "sqlite", "data_dir": str(tmp_path), "flush_interval_s": 0.05}
+    raw["capture"] = {"enabled": True, "sample_rate": 0.0, "labelled": True}
+    easy = "thanks"
+    hard = "Prove, step by step, that the square root of 2 is irrational; then derive a bound. " * 3
+    with make_gateway(raw) as gw:
+        for prompt in (easy, hard):
+            ask = {"model": "auto", "messages": [{"role": "user", "content": prompt}]}
+            assert httpx.post(gw.url + "/v1/chat/completions", json=ask).status_code == 200
+        time.sleep(0.3)  # the shadow comparison runs after the answer
+    assert gw.config.store is not None
+    stored = {r.model: r for r in read_traffic(gw.config.store)}
+    student, teacher = stored["student-small"], stored["teacher"]
+    assert student.shadowed and student.captured and student.prompt == easy and student.answer is None
+    assert len(student.shadows) == 1
+    assert not teacher.shadowed and not teacher.captured and teacher.prompt is None
+    examples, counts = L.label_traffic((r, r.shadows) for r in stored.values())
+    assert [e.prompt for e in examples] == [easy] and counts.no_prompt == 0
