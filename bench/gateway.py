@@ -727,6 +727,14 @@ def poll_table(s: Settings, wrk: str, triage: Triage, body: bytes, load_core: st
                     if poller.errors:
                         print(f"    {poller.errors} dashboard polls failed")
         _side_rows("dashboard polling", conns, [quiet, polled])
+        # Each poll run follows its quiet run: the median of those pairs' ratios is less
+        # swayed by drift on a shared machine than the ratio of the two medians.
+        pairs = [b.rps / a.rps for a, b in zip(quiet.runs, polled.runs, strict=True) if a.rps]
+        if pairs:
+            print(
+                f"    paired ratio (poll / no poll, {len(pairs)} back-to-back pairs): median "
+                f"{statistics.median(pairs):.3f}, range {min(pairs):.3f}-{max(pairs):.3f}"
+            )
         if seconds:
             print(
                 f"    {len(seconds)} polls answered under load: median "
