@@ -8,9 +8,11 @@ dashboard pages through it the same way.
 
 from __future__ import annotations
 
+import os
 from itertools import islice
 from typing import Any, Protocol
 
+from router.metrics import MULTIPROC_ENV
 from router.records import Recorder, RequestRecord
 
 __all__ = ["DecisionSource", "RecentDecisions", "row"]
@@ -29,10 +31,10 @@ class DecisionSource(Protocol):
 class RecentDecisions:
     """The recorder's ring buffer: the last requests this process answered."""
 
-    name = "memory"
-
     def __init__(self, recorder: Recorder) -> None:
         self._recorder = recorder
+        # With workers each process keeps its own buffer: the table is the answering worker's.
+        self.name = "memory, this worker" if os.environ.get(MULTIPROC_ENV) else "memory"
 
     def page(self, offset: int, limit: int) -> tuple[int, list[RequestRecord]]:
         recent = self._recorder.recent

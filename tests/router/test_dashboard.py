@@ -245,5 +245,6 @@ def test_workers_report_the_merged_metrics(upstreams: Upstreams, tmp_path: Path)
             assert doc["fallbacks"]["total"] == 4
             assert not math.isnan(doc["spend"]["savings_usd"])
             rows.add(doc["decisions"]["total"])
-        # The table is the answering worker's own ring buffer (see the dashboard docs).
+        # The table is the answering worker's own ring buffer, and says so.
         assert all(0 < n <= 34 for n in rows)
+        assert doc["decisions"]["source"] == "memory, this worker"
