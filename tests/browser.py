@@ -67,10 +67,7 @@ class Chromium:
         with (self._profile / "chromium.log").open("wb") as log:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            port = self._devtools_port()
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as resp:
-                targets = json.loads(resp.read())
-            page = next(t for t in targets if t.get("type") == "page")
+            page = self._first_tab(self._devtools_port())
             self._ws = self._stack.enter_context(
                 # Events pile up between commands: an unbounded queue, and no keepalive pings
                 # (a full queue would leave their pongs unread and close the connection).
@@ -106,6 +103,19 @@ class Chromium:
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 err = (self._profile / "chromium.log").read_text(errors="replace")
                 raise BrowserError(f"chromium did not start:\n{err[-3000:]}")
+            time.sleep(0.05)
+
+    def _first_tab(self, port: int, timeout_s: float = 10.0) -> dict[str, Any]:
+        # The tab for about:blank may be listed a moment after the port is written.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as resp:
+                targets: list[dict[str, Any]] = json.loads(resp.read())
+            pages = [t for t in targets if t.get("type") == "page"]
+            if pages:
+                return pages[0]
+            if time.monotonic() > deadline:
+                raise BrowserError(f"chromium opened no tab: {targets}")
             time.sleep(0.05)
 
     def call(self, method: str, params: dict[str, Any] | None = None, timeout_s: float = 30.0) -> Any:
