@@ -91,3 +91,25 @@ def test_without_state_every_process_grants_the_whole_limit(upstreams: Upstreams
         urls = [stack.enter_context(triage_process(cfg)).url for _ in range(2)]
         codes = [post(urls[i % 2]).status_code for i in range(14)]
         assert codes.count(200) == 10
+
+
+def test_streams_and_count_tokens_count_against_the_shared_limits(
+    redis_server: RedisServer, upstreams: Upstreams, make_gateway: GatewayFactory
+) -> None:
+    raw = shared(upstreams, {"requests_per_minute": 3, "budget_usd": 1})
+    headers = {"authorization": "Bearer sk-alice"}
+    with make_gateway(raw) as a, make_gateway(raw) as b:
+        stream = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", a.url + "/v1/chat/completions", json=stream, headers=headers) as resp:
+            assert resp.status_code == 200
+            assert "data: [DONE]" in resp.read().decode()
+        # The streamed answer's usage is charged like a JSON one.
+        assert redis_server.spent("alice", COST) == pytest.approx(COST)
+        count = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+        counted = httpx.post(
+            b.url + "/v1/messages/count_tokens", json=count, headers={"x-api-key": "sk-alice"}
+        )
+        assert counted.status_code == 200
+        assert post(b.url).status_code == 200
+        refused = post(a.url)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "requests_per_minute"
