@@ -462,15 +462,17 @@ def alternating_table(
     servers: list[tuple[str, Triage]],
     body: bytes,
     load_core: str,
+    auth: str | None = None,
 ) -> dict[str, Any]:
     """Several Triage processes under the same load, rounds alternating so drift hits all alike;
-    the first is the reference of the printed ratios."""
+    the first is the reference of the printed ratios. `auth` goes to every side (a gateway
+    without keys ignores it)."""
     out: dict[str, Any] = {}
     print(f"\n{title}")
     for conns in s.connections:
         sides = [(Side(label), server) for label, server in servers]
         for _, server in sides:
-            run_wrk(wrk, server.url, conns, s.warmup_s, body, load_core)
+            run_wrk(wrk, server.url, conns, s.warmup_s, body, load_core, auth=auth)
         for _ in range(s.repeats):
             for side, server in sides:
                 side.runs.append(
@@ -482,6 +484,7 @@ def alternating_table(
                         body,
                         load_core,
                         measure=lambda server=server: cpu_ticks(server.pids()),  # type: ignore[misc]
+                        auth=auth,
                     )
                 )
         _side_rows(what, conns, [side for side, _ in sides])
@@ -628,38 +631,28 @@ class RedisServer:
 
 
 def limits_table(
-    s: Settings, wrk: str, sides: list[tuple[Side, Triage, str | None]], body: bytes, load_core: str
+    s: Settings, wrk: str, servers: list[tuple[str, Triage]], body: bytes, load_core: str
 ) -> dict[str, Any]:
-    """No limits, limits in process, limits in Redis: rounds interleaved, same body and load."""
-    out: dict[str, Any] = {}
-    print("\nkey limits (requests, tokens and budget on one key), rounds interleaved")
-    for conns in s.connections:
-        runs = [(Side(side.label), server, auth) for side, server, auth in sides]
-        for _, server, auth in runs:
-            run_wrk(wrk, server.url, conns, s.warmup_s, body, load_core, auth=auth)
-        for _ in range(s.repeats):
-            for side, server, auth in runs:
-                side.runs.append(
-                    run_wrk(
-                        wrk,
-                        server.url,
-                        conns,
-                        s.duration_s,
-                        body,
-                        load_core,
-                        measure=lambda server=server: cpu_ticks(server.pids()),  # type: ignore[misc]
-                        auth=auth,
-                    )
-                )
-        _side_rows("limits", conns, [side for side, _, _ in runs])
-        off, local, redis = (side for side, _, _ in runs)
-        p50 = {side.label: _med([x.p50_us for x in side.runs]) for side in (off, local, redis)}
-        rps = {side.label: _med([x.rps for x in side.runs]) for side in (off, local, redis)}
+    """No limits, limits in process, limits in Redis (in that order): rounds interleaved, then what
+    Redis adds at the p50 over limits in process and its throughput against no limits."""
+    out = alternating_table(
+        s,
+        wrk,
+        "key limits (requests, tokens and budget on one key), rounds interleaved",
+        "limits",
+        servers,
+        body,
+        load_core,
+        auth=f"Bearer {BENCH_KEY}",
+    )
+    off, local, redis = (label for label, _ in servers)
+    for conns, sides in out.items():
+        p50 = {label: _med([r["p50_us"] for r in runs]) for label, runs in sides.items()}
+        rps = {label: _med([r["requests"] / r["duration_s"] for r in runs]) for label, runs in sides.items()}
         print(
-            f"    Redis on adds {p50[redis.label] - p50[local.label]:+.0f} µs at p50 over limits in process "
-            f"(goal <= 100); throughput {rps[redis.label] / rps[off.label]:.3f}x no limits (goal >= 0.9)"
+            f"    c={conns}: Redis on adds {p50[redis] - p50[local]:+.0f} µs at p50 over limits in process "
+            f"(goal <= 100); throughput {rps[redis] / rps[off]:.3f}x no limits (goal >= 0.9)"
         )
-        out[str(conns)] = {side.label: [asdict(r) for r in side.runs] for side, _, _ in runs}
     return out
 
 
@@ -1008,11 +1001,7 @@ def run(s: Settings, json_out: Path | None) -> int:
                         )
                         with urllib.request.urlopen(req, timeout=10) as resp:
                             assert resp.status == 200
-                    sides = [
-                        (Side("no limits"), triage, None),
-                        (Side("in process"), local, auth),
-                        (Side("Redis"), shared, auth),
-                    ]
+                    sides = [("no limits", triage), ("in process", local), ("Redis", shared)]
                     results["limits"] = limits_table(s, tools["wrk"], sides, body, load_core)
             if s.stream:
                 os.sched_setaffinity(0, {int(load_core)})

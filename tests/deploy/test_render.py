@@ -51,9 +51,10 @@ CONFIG = {
 }
 
 
-def render(target: str, tmp_path: Path) -> str:
+def run_render(target: str, tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """`triage render` on `config`; it must succeed."""
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(CONFIG))
+    cfg.write_text(yaml.safe_dump(config))
     proc = subprocess.run(
         [sys.executable, "-m", "router", "render", target, "--config", str(cfg)],
         capture_output=True,
@@ -62,7 +63,11 @@ def render(target: str, tmp_path: Path) -> str:
         env={"TEACHER_API_KEY": "x", "PATH": ""},
     )
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return proc
+
+
+def render(target: str, tmp_path: Path) -> str:
+    return run_render(target, tmp_path, CONFIG).stdout
 
 
 def test_compose_matches_config(tmp_path: Path) -> None:
@@ -123,18 +128,9 @@ def test_shipped_configs_pass_check_config(path: str) -> None:
 
 def test_state_adds_redis_to_compose_and_k8s(tmp_path: Path) -> None:
     config = {**CONFIG, "state": {"redis_url_env": "TRIAGE_REDIS_URL"}}
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
     out = {}
     for target in ("compose", "k8s"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "router", "render", target, "--config", str(cfg)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"TEACHER_API_KEY": "x", "PATH": ""},
-        )
-        assert proc.returncode == 0, proc.stderr
+        proc = run_render(target, tmp_path, config)
         assert "TRIAGE_REDIS_URL" in proc.stderr  # unset here: a warning, not an error
         out[target] = proc.stdout
     services = yaml.safe_load(out["compose"])["services"]
