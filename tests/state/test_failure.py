@@ -62,15 +62,16 @@ class Load:
         time.sleep(seconds)
 
 
-def outage(server: RedisServer, load: Load, stop: Callable[[], None], resume: Callable[[], None]) -> int:
-    """Load before, during and after an outage; returns how many answers came before it."""
-    load.while_running(0.5)
-    stop()
-    before = len(load.results)
-    load.while_running(1.0)
-    resume()
-    load.while_running(1.0)
-    return before
+def through_outage(url: str, stop: Callable[[], None], resume: Callable[[], None]) -> tuple[list[Any], int]:
+    """Every answer of a load run before, during and after an outage, and how many came before it."""
+    with Load(url) as load:
+        load.while_running(0.5)
+        stop()
+        before = len(load.results)
+        load.while_running(1.0)
+        resume()
+        load.while_running(1.0)
+    return list(load.results), before
 
 
 def test_fail_open_serves_through_a_redis_kill_and_loses_no_spend(
@@ -82,9 +83,7 @@ def test_fail_open_serves_through_a_redis_kill_and_loses_no_spend(
     caplog.set_level(logging.INFO, logger="triage.state")
     raw = shared(upstreams, LIMITS, retry_s=0.2)
     with make_gateway(raw) as gw:
-        with Load(gw.url) as load:
-            outage(persistent_redis, load, persistent_redis.kill, persistent_redis.start)
-        results = list(load.results)
+        results, _ = through_outage(gw.url, persistent_redis.kill, persistent_redis.start)
         assert results and all(r == (200, None) for r in results), {str(r) for r in results}
         assert gw.metric("triage_shared_state_errors_total", {"op": "limits"}) >= 1
         assert gw.metric("triage_shared_state_unchecked_requests_total", {"outcome": "served"}) >= 1
@@ -104,9 +103,7 @@ def test_fail_closed_refuses_while_redis_is_down_and_recovers(
 ) -> None:
     raw = shared(upstreams, LIMITS, retry_s=0.2, on_failure="fail_closed")
     with make_gateway(raw) as gw:
-        with Load(gw.url) as load:
-            before = outage(redis_server, load, redis_server.kill, redis_server.start)
-        results = list(load.results)
+        results, before = through_outage(gw.url, redis_server.kill, redis_server.start)
         assert not [r for r in results if isinstance(r, Exception)], results
         assert set(results) <= {(200, None), (429, "shared_state_unavailable")}
         assert all(r == (200, None) for r in results[: before - 4])  # up to one in flight per thread
@@ -125,9 +122,7 @@ def test_a_frozen_redis_costs_each_request_at_most_the_timeout(
 ) -> None:
     raw = shared(upstreams, LIMITS, retry_s=0.2, timeout_s=0.05)
     with make_gateway(raw) as gw:
-        with Load(gw.url) as load:
-            outage(redis_server, load, redis_server.freeze, redis_server.thaw)
-        results = list(load.results)
+        results, _ = through_outage(gw.url, redis_server.freeze, redis_server.thaw)
         assert results and all(r == (200, None) for r in results), {str(r) for r in results}
         assert gw.metric("triage_shared_state_errors_total", {"op": "limits"}) >= 1
         assert gw.metric("triage_shared_state_up") == 1
