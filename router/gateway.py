@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -98,8 +99,11 @@ class Gateway:
         target = config.routing.target_student_share
         metrics.student_share_target.set(target if target is not None else math.nan)
         self.policy: RoutingPolicy = load_policy(config, self.publish_thresholds)
+        self._starting: asyncio.Task[None] | None = None
         if self.state is not None:
             self.policy.share_state(self.state)
+            # Built inside the running app (lifespan or reload), so the loop is there.
+            self._starting = asyncio.get_running_loop().create_task(self.state.start())
         self.publish_thresholds()
 
     def enter(self) -> None:
@@ -151,6 +155,8 @@ class Gateway:
         await self.shadow.drain()
         if self.limits is not None:
             await self.limits.aclose()  # spend still queued goes to Redis before the process ends
+        if self._starting is not None:
+            await self._starting
         if self.state is not None:
             await self.state.aclose()
         for pool in self.pools.values():

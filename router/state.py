@@ -41,7 +41,7 @@ __all__ = ["SharedState", "Unavailable"]
 log = logging.getLogger("triage.state")
 
 # The operations counted apart in triage_shared_state_errors_total.
-OPS = ("limits", "share")
+OPS = ("start", "limits", "share")
 
 
 class Unavailable(Exception):
@@ -76,6 +76,7 @@ class SharedState:
         # `eval`'s connections: idle ones, and how many exist (at most max_connections).
         self._idle: list[AbstractConnection] = []
         self._own = 0
+        self._scripts: list[AsyncScript] = []
         self._down_until = 0.0
         self._down = False
         metrics.state_up.set(1)
@@ -89,8 +90,29 @@ class SharedState:
         return self.prefix + ":".join(parts)
 
     def script(self, lua: str) -> AsyncScript:
-        """A Lua script run by its SHA (no round trip to register it)."""
-        return self.client.register_script(lua)
+        """A Lua script run by its SHA (no round trip to register it; `start` loads it)."""
+        script = self.client.register_script(lua)
+        self._scripts.append(script)
+        return script
+
+    async def start(self) -> None:
+        """Connect and load every script once, so the first requests do not pay for it, and log
+        whether Redis answers (a wrong address or password shows at start, not at the first key)."""
+        try:
+            async with asyncio.timeout(self.config.timeout_s * (1 + len(self._scripts))):
+                for script in self._scripts:
+                    await self.client.script_load(script.script)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("start", exc)
+            return
+        event(
+            log,
+            logging.INFO,
+            "shared state ready",
+            key_prefix=self.prefix,
+            on_failure=self.config.on_failure,
+            scripts=len(self._scripts),
+        )
 
     def retry_in_s(self) -> float:
         """Seconds until a call will try Redis again (0 when it would now)."""

@@ -13,7 +13,8 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import GatewayFactory, Upstreams
-from tests.state.conftest import BODY, COST, RedisServer, shared
+from tests.loopback import closed_port_url
+from tests.state.conftest import BODY, COST, REDIS_URL_ENV, RedisServer, shared
 
 LIMITS = {"requests_per_minute": 1_000_000, "budget_usd": 1000}
 
@@ -94,8 +95,9 @@ def test_fail_open_serves_through_a_redis_kill_and_loses_no_spend(
     assert spent >= len(results) * COST * (1 - 1e-9)
     assert spent == pytest.approx(len(results) * COST, rel=0.05)
     messages = [r.getMessage() for r in caplog.records if r.name == "triage.state"]
-    # One outage, logged once each way (a restarted Redis's stale connections are retried).
-    assert messages == ["shared state unavailable", "shared state reachable again"]
+    # Ready at start, then one outage logged once each way (a restarted Redis's stale
+    # connections are retried, not counted as more outages).
+    assert messages == ["shared state ready", "shared state unavailable", "shared state reachable again"]
 
 
 def test_fail_closed_refuses_while_redis_is_down_and_recovers(
@@ -126,3 +128,22 @@ def test_a_frozen_redis_costs_each_request_at_most_the_timeout(
         assert results and all(r == (200, None) for r in results), {str(r) for r in results}
         assert gw.metric("triage_shared_state_errors_total", {"op": "limits"}) >= 1
         assert gw.metric("triage_shared_state_up") == 1
+
+
+def test_a_gateway_started_without_redis_says_so_and_serves(
+    upstreams: Upstreams,
+    make_gateway: GatewayFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv(REDIS_URL_ENV, closed_port_url().replace("http://", "redis://"))
+    raw = shared(upstreams, LIMITS)
+    with make_gateway(raw) as gw:
+        resp = httpx.post(
+            gw.url + "/v1/chat/completions", json=BODY, headers={"authorization": "Bearer sk-alice"}
+        )
+        assert resp.status_code == 200  # fail_open
+        assert gw.metric("triage_shared_state_up") == 0
+        assert gw.metric("triage_shared_state_errors_total", {"op": "start"}) == 1
+    warnings = [r for r in caplog.records if r.name == "triage.state" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == ["shared state unavailable"]
