@@ -656,6 +656,43 @@ def limits_table(
     return out
 
 
+async def _alternating_latency(
+    ports: list[int], body: bytes, auth: str, n: int, warmup: int
+) -> list[list[float]]:
+    """Sequential JSON requests, one keep-alive connection per server, taking turns request by
+    request so every server sees the same machine noise; seconds per request, per server."""
+    conns = [_Conn(port, body, auth, stream=False) for port in ports]
+    out: list[list[float]] = [[] for _ in ports]
+    try:
+        for i in range(warmup + n):
+            for conn, times in zip(conns, out, strict=True):
+                timing = await conn.one()
+                if i >= warmup:
+                    times.append(timing.last_byte)
+    finally:
+        for conn in conns:
+            await conn.close()
+    return out
+
+
+def print_alternating_latency(labels: list[str], times: list[list[float]]) -> dict[str, Any]:
+    """p50 and p99 of each server's turn-by-turn latencies, and Redis's p50 over in process."""
+    print(
+        f"\nlatency, {len(times[0])} sequential requests each, servers taking turns request by request (µs)"
+    )
+    p50s = {}
+    for label, ts in zip(labels, times, strict=True):
+        us = [t * 1e6 for t in ts]
+        p50s[label] = _med(us)
+        print(f"  {label:>12}: p50 {p50s[label]:>7.0f}  p99 {statistics.quantiles(us, n=100)[98]:>7.0f}")
+    off, local, redis = labels
+    print(
+        f"  Redis on adds {p50s[redis] - p50s[local]:+.0f} µs at p50 over limits in process "
+        f"({p50s[redis] - p50s[off]:+.0f} over no limits; goal <= 100)"
+    )
+    return dict(zip(labels, times, strict=True))
+
+
 # --- a dashboard polling ------------------------------------------------------------
 
 
@@ -752,12 +789,17 @@ class StreamTiming:
 class _Conn:
     """One keep-alive HTTP/1.1 connection that reads Content-Length or chunked replies."""
 
-    def __init__(self, port: int, body: bytes) -> None:
+    def __init__(self, port: int, body: bytes, auth: str | None = None, stream: bool = True) -> None:
         self.port = port
+        self.stream = stream
         self.request = (
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            + (b"Authorization: " + auth.encode() + b"\r\n" if auth else b"")
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
         )
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -797,7 +839,7 @@ class _Conn:
                 if not t_event and b"data:" in body:
                     t_event = time.perf_counter()
         t_end = time.perf_counter()
-        if status != 200 or not body.rstrip().endswith(b"data: [DONE]"):
+        if status != 200 or self.stream and not body.rstrip().endswith(b"data: [DONE]"):
             raise RuntimeError(f"bad stream reply {status}: {bytes(body[-200:])!r}")
         return StreamTiming(t_head - t0, (t_event or t_end) - t0, t_end - t0)
 
@@ -1003,6 +1045,15 @@ def run(s: Settings, json_out: Path | None) -> int:
                             assert resp.status == 200
                     sides = [("no limits", triage), ("in process", local), ("Redis", shared)]
                     results["limits"] = limits_table(s, tools["wrk"], sides, body, load_core)
+                    os.sched_setaffinity(0, {int(load_core)})
+                    times = asyncio.run(
+                        _alternating_latency(
+                            [server.port for _, server in sides], body, auth, s.stream_requests, warmup=50
+                        )
+                    )
+                    results["limits_latency"] = print_alternating_latency(
+                        [label for label, _ in sides], times
+                    )
             if s.stream:
                 os.sched_setaffinity(0, {int(load_core)})
                 d, v = asyncio.run(
@@ -1075,7 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
         "--stream-requests",
         type=int,
         default=300,
-        help="sequential requests each way for the streaming latency table",
+        help="sequential requests each way for the streaming latency table (and each server's share "
+        "of the --limits latency table)",
     )
     p.add_argument("--workers", type=int, help="pass --workers N to `triage serve`")
     p.add_argument("--cascade", action="store_true", help="keep routing.cascade enabled")
