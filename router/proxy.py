@@ -349,6 +349,9 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
     key = None
     try:
         key, payload, admission = await _read(request, fmt, gw)
+        # Refused here, before a score or a decision: a refused request must not steer the policy.
+        budget_usd = _budget_header(request)
+        family = _family_header(request)
         gw.admit()
         request.scope[_ADMITTED] = True
         prompt = fmt.prompt(payload)
@@ -375,8 +378,6 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
                 None if key is None else key.name,
             )
         )
-        budget_usd = _budget_header(request)
-        family = _family_header(request)
     except GatewayError as exc:
         _rejected(gw, fmt, request_id, exc, None if key is None else key.name)
         headers = {"x-request-id": request_id}

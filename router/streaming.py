@@ -222,13 +222,12 @@ async def _pump(
             raw, obj, last = item
             if obj is not None and wire.stream_error(obj):
                 status = 502
+                note = f"model {model.name!r} sent an error event"
                 gw.metrics.upstream_errors.labels(model.name, "status").inc()
                 if translator is None and has_error_message(obj):
                     out.append(raw)  # already an error in the client's format: pass it on and stop
                 else:
-                    out.append(
-                        client.error_event(f"model {model.name!r} sent an error event", "upstream_error")
-                    )
+                    out.append(client.error_event(note, "upstream_error"))
                 break
             events += 1
             if obj is not None:
@@ -267,10 +266,9 @@ async def _pump(
             out.clear()
         if not upstream.ended and status == 200:
             status = 502
+            note = f"model {model.name!r} ended its stream before completing the answer"
             gw.metrics.upstream_errors.labels(model.name, "truncated").inc()
-            yield client.error_event(
-                f"model {model.name!r} ended its stream before completing the answer", "upstream_error"
-            )
+            yield client.error_event(note, "upstream_error")
         elif collected is not None and status == 200:
             text = "".join(collected.text)
             if ex.capture:
@@ -281,6 +279,7 @@ async def _pump(
                 )
     except UpstreamError as exc:
         status = exc.status_code
+        note = exc.message  # the record and the access log say why, as for an answer that failed whole
         gw.metrics.upstream_errors.labels(model.name, exc.kind).inc()
         yield b"".join(out) + client.error_event(exc.message, exc.type)
     except (GeneratorExit, asyncio.CancelledError):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import httpx2 as httpx
 import openai
+import pytest
 
 from router.records import RequestRecord, ShadowRecord
 from tests.conftest import Gateway, GatewayFactory, Upstreams, base_config
+from tests.fake_upstream import Mode
 
 
 class ListSink:
@@ -155,3 +158,67 @@ def test_the_clients_workload_tag_is_recorded(upstreams: Upstreams, make_gateway
         assert (ok.status_code, bad.status_code, plain.status_code) == (200, 400, 200)
         assert bad.json()["error"]["param"] == "x-triage-family"
         assert [r.family for r in sink.requests] == ["support-bot", None]
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("x-triage-family", "not a tag"), ("x-triage-escalation-budget-usd", "-1")],
+)
+def test_a_refused_header_is_refused_before_the_request_is_scored_or_routed(
+    upstreams: Upstreams, make_gateway: GatewayFactory, header: str, value: str
+) -> None:
+    # Every routed request moves the share controller (here: at each request).
+    raw = base_config(upstreams.urls, target_student_share=0.5, share_update_every=1)
+    with make_gateway(raw) as gw:
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        for _ in range(3):
+            with pytest.raises(openai.BadRequestError) as refused:
+                sdk.chat.completions.create(
+                    model="auto",
+                    messages=[{"role": "user", "content": "thanks"}],
+                    extra_headers={header: value},
+                )
+            assert refused.value.param == header
+        # A refused request leaves no trace in the scores, the decisions or the controller.
+        assert gw.metric("triage_classifier_score_count") == 0
+        share = gw.registry.get_sample_value("triage_student_share")
+        assert share is not None and math.isnan(share)
+        decisions = [
+            s.value
+            for m in gw.registry.collect()
+            for s in m.samples
+            if s.name == "triage_routing_decisions_total"
+        ]
+        assert decisions and not any(decisions)
+        sdk.chat.completions.create(model="auto", messages=[{"role": "user", "content": "thanks"}])
+        assert gw.metric("triage_classifier_score_count") == 1
+        assert gw.registry.get_sample_value("triage_student_share") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "error"),
+    [
+        ("cut_stream", 502, "unreachable"),
+        ("stall", 504, "did not answer in time"),
+        ("no_done", 502, "ended its stream before completing"),
+    ],
+)
+def test_a_stream_that_fails_after_its_start_says_why_in_its_one_record(
+    upstreams: Upstreams, make_gateway: GatewayFactory, mode: Mode, status: int, error: str
+) -> None:
+    raw = base_config(upstreams.urls)
+    raw["models"][0]["read_timeout_s"] = 1.0
+    upstreams.small.mode = mode
+    upstreams.small.chunks = 20  # fails at the tenth, after the hold-back window
+    with make_gateway(raw) as gw:
+        sink = _sink(gw, capture=False)
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        stream = sdk.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "thanks"}], stream=True
+        )
+        with pytest.raises(openai.APIError, match=error):
+            for _ in stream:
+                pass
+        (rec,) = sink.requests
+        assert (rec.status, rec.model, rec.stream) == (status, "student-small", True)
+        assert rec.error is not None and error in rec.error
