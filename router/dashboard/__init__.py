@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import hmac
 from importlib.resources import files
+from typing import Any
 
 import orjson
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from router.auth import Authenticator
 from router.dashboard.decisions import DecisionSource, RecentDecisions
-from router.dashboard.summary import build
+from router.dashboard.summary import Aggregates, aggregates, decisions_page
 from router.errors import AuthError, InvalidRequest
 from router.metrics import Metrics
 from router.records import Recorder
@@ -66,16 +68,18 @@ def check_viewer(auth: Authenticator, authorization: str | None) -> None:
 
 
 def _int_param(request: Request, name: str, default: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
+    given = request.query_params.getlist(name)
+    if not given:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"`{name}` must be a whole number.", param=name) from None
-    if not 0 <= value <= high:
+    if len(given) > 1:
+        raise InvalidRequest(f"`{name}` is given more than once.", param=name)
+    raw = given[0]
+    # Digits only: int() would also take signs, spaces, underscores and non-ASCII digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidRequest(f"`{name}` must be a whole number.", param=name)
+    if len(raw) > len(str(high)) or int(raw) > high:
         raise InvalidRequest(f"`{name}` must be between 0 and {high}.", param=name)
-    return value
+    return int(raw)
 
 
 def add_dashboard(app: FastAPI, metrics: Metrics, recorder: Recorder) -> None:
@@ -85,6 +89,12 @@ def add_dashboard(app: FastAPI, metrics: Metrics, recorder: Recorder) -> None:
     assets = {name: (static / name).read_bytes() for name in _ASSETS}
     app.state.decisions = RecentDecisions(recorder)
 
+    def read_totals() -> dict[str, Any]:
+        metrics.sample()  # as /metrics does: with workers, the numbers come from the files
+        return aggregates(metrics.registry)
+
+    app.state.summary_aggregates = totals = Aggregates(read_totals)
+
     @app.get("/ui", include_in_schema=False)
     async def ui_page() -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers=_HEADERS)
@@ -93,7 +103,7 @@ def add_dashboard(app: FastAPI, metrics: Metrics, recorder: Recorder) -> None:
     async def ui_asset(name: str) -> Response:
         media_type = _ASSETS.get(name)
         if media_type is None:
-            return Response(b"Not Found", 404, media_type="text/plain")
+            raise StarletteHTTPException(404, "Not Found")
         return Response(assets[name], media_type=media_type, headers=_HEADERS)
 
     @app.get("/ui/api/summary", summary="Dashboard numbers (metrics totals and recent decisions)")
@@ -101,8 +111,7 @@ def add_dashboard(app: FastAPI, metrics: Metrics, recorder: Recorder) -> None:
         check_viewer(request.app.state.gateway.auth, request.headers.get("authorization"))
         offset = _int_param(request, "offset", 0, MAX_OFFSET)
         limit = _int_param(request, "limit", DEFAULT_ROWS, MAX_ROWS)
-        metrics.sample()  # as /metrics does: with workers, the numbers come from the files
-        doc = build(metrics.registry, request.app.state.decisions, offset, limit)
+        doc = {**totals.get(), "decisions": decisions_page(request.app.state.decisions, offset, limit)}
         return Response(
             orjson.dumps(doc), media_type="application/json", headers={"cache-control": "no-store"}
         )

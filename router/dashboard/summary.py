@@ -4,6 +4,11 @@ Every aggregate is read from the registry /metrics exports (`metrics.exported`: 
 the merged multiprocess files) through the same `stats.summarize` that `triage stats` uses
 on a scrape, so the page, `triage stats` and a Prometheus query over /metrics agree. Nothing
 is aggregated from the recent records: they only fill the table, a page at a time.
+
+Reading every metric costs several milliseconds of CPU on the event loop, so `Aggregates`
+does it at most once per `AGGREGATES_TTL_S` however often the JSON is asked for: a client
+polling in a tight loop then costs a page of the table per poll, not a collection. The table
+is read on every poll.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -19,10 +25,12 @@ from router.dashboard.decisions import DecisionSource, row
 from router.metrics import exported
 from router.stats import Snapshot, Summary, summarize
 
-__all__ = ["CIRCUIT_STATES", "build"]
+__all__ = ["AGGREGATES_TTL_S", "CIRCUIT_STATES", "Aggregates", "aggregates", "decisions_page"]
 
 # `triage_circuit_state`'s values, in order.
 CIRCUIT_STATES = ("closed", "half_open", "open")
+# The totals are read again at most this often (the page polls every 2 s, at most every 0.25 s).
+AGGREGATES_TTL_S = 0.5
 
 
 def _num(x: float | None) -> float | None:
@@ -119,19 +127,45 @@ def _aggregates(s: Summary, snap: Snapshot) -> dict[str, Any]:
     }
 
 
-def build(
-    registry: CollectorRegistry, decisions: DecisionSource, offset: int = 0, limit: int = 100
-) -> dict[str, Any]:
-    """The whole document: aggregates since start, plus one page of recent decisions."""
+def aggregates(registry: CollectorRegistry) -> dict[str, Any]:
+    """The totals since start, read from what the registry exports, and when they were read."""
     snap = Snapshot.from_families(exported(registry).collect())
     doc = _aggregates(summarize(snap), snap)
+    doc["generated_at"] = time.time()
+    return doc
+
+
+def decisions_page(decisions: DecisionSource, offset: int, limit: int) -> dict[str, Any]:
+    """One page of the recent decisions table, newest first."""
     total, records = decisions.page(offset, limit)
-    doc["decisions"] = {
+    return {
         "source": decisions.name,
         "total": total,
         "offset": offset,
         "limit": limit,
         "rows": [row(r) for r in records],
     }
-    doc["generated_at"] = time.time()
-    return doc
+
+
+class Aggregates:
+    """`compute()`'s document, computed again only once `ttl_s` has passed on `clock`."""
+
+    def __init__(
+        self,
+        compute: Callable[[], dict[str, Any]],
+        ttl_s: float = AGGREGATES_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._compute = compute
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._doc: dict[str, Any] | None = None
+        self._at = 0.0
+
+    def get(self) -> dict[str, Any]:
+        """The document, at most `ttl_s` old."""
+        now = self.clock()
+        if self._doc is None or now - self._at >= self.ttl_s:
+            self._doc = self._compute()
+            self._at = now
+        return self._doc

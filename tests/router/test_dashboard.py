@@ -15,6 +15,7 @@ import httpx2 as httpx
 import openai
 import pytest
 import yaml
+from prometheus_client import Metric
 
 from router import stats
 from router.app import SAMPLE_EVERY_S
@@ -155,10 +156,70 @@ def test_decisions_page_through_a_full_ring_buffer(gateway: Gateway) -> None:
     last = summary(gateway.url, offset=9_990, limit=50)["decisions"]
     assert [r["request_id"] for r in last["rows"]] == [f"req-{i}" for i in range(14, 4, -1)]
     assert summary(gateway.url, offset=20_000)["decisions"]["rows"] == []
-    for params in ({"limit": 1001}, {"limit": "many"}, {"offset": -1}):
-        resp = httpx.get(gateway.url + "/ui/api/summary", params=params)
-        assert resp.status_code == 400
-        assert resp.json()["error"]["param"] in ("limit", "offset")
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=1001",
+        "limit=many",
+        "offset=-1",
+        "offset=99999999999",
+        "limit=",
+        "limit=1e3",
+        "limit=0x10",
+        "limit=%20%205",  # int() would take these four; the page never sends them
+        "limit=%2B5",
+        "limit=1_0",
+        "limit=%D9%A3",  # an Arabic-Indic digit
+        "limit=%FF",
+        "limit=" + "9" * 5000,
+        "offset=-1&offset=0",  # a repeated parameter is refused, not resolved by its last copy
+        "limit=5&limit=5",
+    ],
+)
+def test_a_malformed_page_is_a_400_naming_the_parameter(gateway: Gateway, query: str) -> None:
+    resp = httpx.get(f"{gateway.url}/ui/api/summary?{query}")
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", query.partition("=")[0])
+
+
+class CountingCollector:
+    """Registered beside the gateway's metrics: counts how often the registry is read."""
+
+    def __init__(self) -> None:
+        self.collections = 0
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        self.collections += 1
+        return []
+
+
+def test_a_tight_poll_loop_reads_the_metrics_once_an_interval(gateway: Gateway) -> None:
+    reads = CountingCollector()
+    gateway.registry.register(reads)
+    aggregates = gateway.app.state.summary_aggregates
+    now = [1_000.0]
+    aggregates.clock = lambda: now[0]  # a clock that stands still while the loop runs
+    before = summary(gateway.url)
+    for offset in range(30):
+        summary(gateway.url, offset=offset, limit=1000)
+    assert reads.collections == 1
+    # New traffic: the table shows it at once, the totals within an interval.
+    raw = client(gateway.url).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": EASY}]
+    )
+    doc = summary(gateway.url)
+    assert doc["decisions"]["rows"][0]["request_id"] == raw.headers["x-request-id"]
+    assert doc["requests"] == before["requests"] == 0 and doc["generated_at"] == before["generated_at"]
+    now[0] += aggregates.ttl_s
+    doc = summary(gateway.url)
+    assert doc["requests"] == 1 and reads.collections == 2
+    agrees_with_metrics(doc, stats.summarize(stats.fetch(gateway.url)))
 
 
 def test_page_and_assets_ship_with_a_strict_policy(gateway: Gateway) -> None:
@@ -170,7 +231,10 @@ def test_page_and_assets_ship_with_a_strict_policy(gateway: Gateway) -> None:
     for name, kind in (("ui.js", "text/javascript"), ("ui.css", "text/css")):
         asset = httpx.get(f"{gateway.url}/ui/{name}")
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
-    assert httpx.get(gateway.url + "/ui/other.js").status_code == 404
+    for missing in ("/ui/other.js", "/ui/index.html"):
+        resp = httpx.get(gateway.url + missing)
+        assert resp.status_code == 404
+        assert resp.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import openai
 import pytest
 import yaml
 
@@ -160,4 +161,34 @@ def test_dashboard_in_chromium_shows_the_metrics_live(served: ServeProcess, upst
         assert page["polls"] >= 2
         page_equals_metrics(page, scrape(url), key_spend(url))
         assert page["decisions"][:5] == more[::-1]
+        assert browser.console == []
+
+
+def test_the_page_writes_client_text_as_text_and_keeps_its_interval_sane(served: ServeProcess) -> None:
+    url = served.url
+    # A client chooses its request id; the table shows it, as text.
+    hostile = '<img id="pwn" src="x"><b>id</b>'
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="sk-alice", max_retries=0)
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "thanks"}], extra_headers={"x-request-id": hostile}
+    )
+    assert raw.headers["x-request-id"] == hostile
+    with Chromium() as browser:
+        # An interval past what setInterval holds would overflow to a poll every few milliseconds.
+        browser.navigate(url + "/ui?every=Infinity")
+        browser.wait_for("!document.getElementById('login').hidden", "the token form")
+        assert browser.evaluate("document.getElementById('every').textContent") == "3600"
+        login = (
+            "document.getElementById('token').value = {!r};"
+            "document.getElementById('login').requestSubmit(); true"
+        )
+        # fetch refuses a header that is not ASCII: the form says so instead of polling in vain.
+        browser.evaluate(login.format("tökén"))
+        assert "ASCII" in browser.evaluate("document.getElementById('login-error').textContent")
+        assert browser.evaluate("document.getElementById('status').textContent") == "token needed"
+        browser.evaluate(login.format(METRICS_TOKEN))
+        browser.wait_for("Number(document.body.dataset.polls) >= 1", "the first update")
+        page = browser.evaluate(READ_PAGE)
+        assert page["decisions"] == [hostile]
+        assert browser.evaluate("document.querySelectorAll('#pwn, #decisions b').length") == 0
         assert browser.console == []

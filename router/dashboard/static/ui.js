@@ -5,7 +5,8 @@
 const TOKEN_KEY = "triage-ui-token";
 const SVG = "http://www.w3.org/2000/svg";
 const params = new URLSearchParams(location.search);
-const EVERY_S = Math.max(0.25, Number(params.get("every")) || 2);
+// Between 0.25 s and an hour: a longer delay overflows setInterval, which then fires at once.
+const EVERY_S = Math.min(3600, Math.max(0.25, Number(params.get("every")) || 2));
 const PAGE = 100;
 
 let offset = 0;
@@ -289,7 +290,13 @@ document.addEventListener("DOMContentLoaded", () => {
   $("every").textContent = String(EVERY_S);
   $("login").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    const given = $("token").value.trim();
+    // A header carries printable ASCII only: fetch would throw on anything else, on every poll.
+    if (!/^[\x21-\x7e]+$/.test(given)) {
+      $("login-error").textContent = "A token is printable ASCII, without spaces.";
+      return;
+    }
+    sessionStorage.setItem(TOKEN_KEY, given);
     $("token").value = "";
     start();
   });
