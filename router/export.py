@@ -31,7 +31,16 @@ from router.config import ModelConfig
 from router.finetune import FORMATS, MIN_EXAMPLES, LineFormat, example_line
 from router.quality import Answer, check_answer, compile_refusals
 from router.records import RequestRecord, ShadowRecord
-from router.workload import add_store_command, escalated, load_stored, request_family
+from router.workload import (
+    StoreUnreadable,
+    add_store_command,
+    escalated,
+    load_stored,
+    no_requests,
+    parse_score,
+    request_family,
+    stored_traffic,
+)
 
 __all__ = ["DistillFilter", "ExportCounts", "add_subcommand", "distill"]
 
@@ -200,11 +209,15 @@ def _turns(record: RequestRecord) -> tuple[str, list[dict[str, str]] | None]:
     """The conversation before the answer as plain-text turns, or (why not, None)."""
     messages = record.messages
     if messages is None:
-        if record.api == "completions" and record.prompt:
+        if record.api == "completions" and isinstance(record.prompt, str) and record.prompt.strip():
             return "", [{"role": "user", "content": record.prompt}]
         return "no messages", None
+    if not isinstance(messages, list):
+        return "malformed messages", None
     turns: list[dict[str, str]] = []
     for message in messages:
+        if not isinstance(message, dict):
+            return "malformed messages", None
         role = message.get("role")
         if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
             return "tool turns", None
@@ -247,19 +260,34 @@ def _prompt_key(turns: list[dict[str, str]]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from router.store import read_traffic
-
     config = load_stored(args.config)
     if config is None or config.store is None:
         return 2
+    if args.score_min is not None and args.score_max is not None and args.score_min > args.score_max:
+        sys.stderr.write(
+            f"triage: --score-min ({args.score_min:g}) is above --score-max ({args.score_max:g})\n"
+        )
+        return 2
     families = frozenset(f.strip() for f in args.family.split(",") if f.strip()) if args.family else None
     filters = DistillFilter(families, args.score_min, args.score_max, args.since, args.until)
-    traffic = read_traffic(config.store, args.since, args.until)
-    if args.out == "-":
-        counts = distill(traffic, config.teacher, filters, args.format, sys.stdout.buffer)
-    else:
-        with Path(args.out).open("wb") as out:
-            counts = distill(traffic, config.teacher, filters, args.format, out)
+    try:
+        traffic = stored_traffic(config.store, args.since, args.until)
+        if args.out == "-":
+            counts = distill(traffic, config.teacher, filters, args.format, sys.stdout.buffer)
+        else:
+            try:
+                out = Path(args.out).open("wb")
+            except OSError as exc:
+                sys.stderr.write(f"triage: cannot write {args.out}: {exc.strerror or exc}\n")
+                return 2
+            with out:
+                counts = distill(traffic, config.teacher, filters, args.format, out)
+    except StoreUnreadable as exc:
+        sys.stderr.write(f"triage: {exc}\n")
+        return 2
+    if not counts.read:
+        sys.stderr.write(f"triage: {no_requests(args.since, args.until)}\n")
+        return 1
     where = "stdout" if args.out == "-" else args.out
     lines = [*counts.render(), f"wrote {counts.kept:,} examples to {where} ({args.format} format)"]
     if counts.kept < MIN_EXAMPLES:
@@ -294,6 +322,6 @@ def add_subcommand(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "messages: the turns plus family/source/score metadata (TRL and other trainers)",
     )
     export.add_argument("--family", help="keep only these task families (comma-separated)")
-    export.add_argument("--score-min", type=float, help="keep requests scored at least this")
-    export.add_argument("--score-max", type=float, help="keep requests scored at most this")
+    export.add_argument("--score-min", type=parse_score, help="keep requests scored at least this")
+    export.add_argument("--score-max", type=parse_score, help="keep requests scored at most this")
     export.set_defaults(func=_run)

@@ -44,13 +44,16 @@ from router.errors import GatewayError
 from router.policy import RequestContext, load_policy
 from router.records import RequestRecord, ShadowRecord
 from router.workload import (
+    StoreUnreadable,
     Workloads,
     add_store_command,
     escalated,
     load_stored,
+    no_requests,
     percent,
     ratio,
     request_family,
+    stored_traffic,
 )
 
 __all__ = ["BandStats", "Column", "Replay", "add_subcommand", "replay"]
@@ -262,7 +265,7 @@ def replay(
             band.agreement_sum += shadow.agreement
         attempts = len(record.attempted)
         completion_est = math.ceil(record.completion_tokens / attempts)
-        if scorer is not None and record.prompt is not None:
+        if scorer is not None and isinstance(record.prompt, str):
             score = scorer.score_text(record.prompt)
             needed = policy.estimate_tokens(len(record.prompt)) + completion_est
             result.rescored += 1
@@ -342,21 +345,31 @@ def _shadows(record: RequestRecord) -> list[ShadowRecord]:
 def _run(args: argparse.Namespace) -> int:
     from classifiers import load_scorer
     from router.__main__ import _load
-    from router.store import read_traffic
 
     current = load_stored(args.current)
     candidate = _load(args.config, secrets_needed=False)
     if current is None or candidate is None or current.store is None:
         return 2
-    scorer = None
-    if not args.stored_scores:
-        try:
-            scorer = load_scorer(candidate.classifier.kind, candidate.classifier.path)
-        except (OSError, ValueError) as exc:
-            sys.stderr.write(f"triage: cannot load the candidate's classifier: {exc}\n")
-            return 2
-    traffic = read_traffic(current.store, args.since, args.until)
-    result = replay(traffic, current, candidate, scorer, args.bands)
+    try:
+        traffic = stored_traffic(current.store, args.since, args.until)
+        scorer = None
+        if not args.stored_scores:
+            try:
+                scorer = load_scorer(candidate.classifier.kind, candidate.classifier.path)
+            except Exception as exc:  # an unreadable artifact fails in many ways (pickle, joblib, numpy)
+                detail = " ".join(str(exc).split()[:40])
+                where = candidate.classifier.path or candidate.classifier.kind
+                sys.stderr.write(
+                    f"triage: cannot load the candidate's classifier {where}: {type(exc).__name__} {detail}\n"
+                )
+                return 2
+        result = replay(traffic, current, candidate, scorer, args.bands)
+    except StoreUnreadable as exc:
+        sys.stderr.write(f"triage: {exc}\n")
+        return 2
+    if not result.happened.requests and not result.not_replayed:
+        sys.stderr.write(f"triage: {no_requests(args.since, args.until)}\n")
+        return 1
     lines = [f"candidate {args.config} against the traffic of {args.current}"]
     lines += result.render(None if scorer is None else candidate.classifier.kind)
     sys.stdout.write("\n".join(lines) + "\n")

@@ -12,28 +12,37 @@ from __future__ import annotations
 
 import argparse
 import math
+import sqlite3
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from classifiers.base import prompt_text
 from classifiers.family import family_of
-from router.config import Config
+from router.config import Config, StoreConfig
 from router.records import RequestRecord, ShadowRecord
+
+if TYPE_CHECKING:
+    from router.store import StoredRequest
 
 __all__ = [
     "UNKNOWN",
+    "StoreUnreadable",
     "WorkloadRow",
     "Workloads",
     "add_store_command",
     "escalated",
     "load_stored",
+    "no_requests",
+    "parse_score",
     "parse_when",
     "percent",
     "ratio",
     "request_family",
+    "stored_traffic",
 ]
 
 UNKNOWN = "unknown"
@@ -44,11 +53,11 @@ def request_family(record: RequestRecord) -> str:
     """The request's task family: the client's tag, else the tagger's reading of the captured prompt."""
     if record.family:
         return record.family
-    if record.prompt:
-        return family_of(record.prompt)
-    if record.messages:
-        return family_of(prompt_text(record.messages))
-    return UNKNOWN
+    text = record.prompt if isinstance(record.prompt, str) else ""
+    if not text.strip() and isinstance(record.messages, list):
+        # (a store written by another version, or by hand, may hold anything here)
+        text = prompt_text([m for m in record.messages if isinstance(m, dict)])
+    return family_of(text) if text.strip() else UNKNOWN
 
 
 def escalated(record: RequestRecord) -> bool:
@@ -197,9 +206,12 @@ def _pct(part: float, whole: float) -> str:
 def parse_when(text: str) -> float:
     """A time on the command line: unix seconds, or an ISO date or date-time (UTC unless it says)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -209,6 +221,27 @@ def parse_when(text: str) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
+
+
+def parse_score(text: str) -> float:
+    """A classifier score on the command line: a finite number."""
+    try:
+        score = float(text)
+    except ValueError:
+        score = math.nan
+    if not math.isfinite(score):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a score: give a number such as 0.4")
+    return score
+
+
+def no_requests(since: float | None, until: float | None) -> str:
+    """What a command says when the store holds no request in its window."""
+    window = ""
+    if since is not None:
+        window += f" since {_when(since)}"
+    if until is not None:
+        window += f" before {_when(until)}"
+    return f"no stored requests{window}: nothing to read"
 
 
 def add_store_command(
@@ -223,3 +256,51 @@ def add_store_command(
     )
     parser.add_argument("--until", type=parse_when, help="read requests before this time")
     return parser
+
+
+class StoreUnreadable(Exception):
+    """The traffic store cannot be read; the message says which store and why, on one line."""
+
+
+def stored_traffic(store: StoreConfig, since: float | None, until: float | None) -> Iterator[StoredRequest]:
+    """`read_traffic` for a command: the requests in [since, until), oldest first.
+
+    A window that ends before it starts and a SQLite store no gateway has written yet raise
+    `StoreUnreadable` at once; the database's own failures (not a database, unreachable,
+    refused) raise it while reading.
+    """
+    from router.store import sqlite_path
+
+    if since is not None and until is not None and since >= until:
+        raise StoreUnreadable(f"--since ({_when(since)}) must be before --until ({_when(until)})")
+    if store.kind == "sqlite":
+        where = str(sqlite_path(store))
+        if not sqlite_path(store).exists():
+            raise StoreUnreadable(f"no traffic store at {where}: no gateway with this store has run yet")
+    else:
+        where = f"the PostgreSQL database in ${store.dsn_env}"
+    return _read(store, since, until, where)
+
+
+def _read(
+    store: StoreConfig, since: float | None, until: float | None, where: str
+) -> Iterator[StoredRequest]:
+    from router.store import read_traffic
+
+    failures: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+    if store.kind == "postgres":
+        import psycopg
+
+        failures += (psycopg.Error,)
+    try:
+        yield from read_traffic(store, since, until)
+    except failures as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StoreUnreadable(f"cannot read the traffic store at {where}: {detail}") from None
+
+
+def _when(seconds: float) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:g}"

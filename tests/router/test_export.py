@@ -232,3 +232,50 @@ def test_export_writes_a_gateways_teacher_answers(
     lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 6 and {line["family"] for line in lines} == {"proofs"}
     assert lines[0]["messages"][-1] == {"role": "assistant", "content": "the teacher says that"}
+
+
+ODD_MESSAGES: list[Any] = [
+    "a string",
+    {"role": "user", "content": "a dict, not a list"},
+    [None],
+    ["a string"],
+    [{"role": None, "content": "no role"}],
+    [{"content": "no role at all"}],
+    [{"role": "user"}],  # no content
+    [{"role": "user", "content": 5}],
+    [{"role": "user", "content": {"text": "a dict"}}],
+    [{"role": "user", "content": [None]}],
+    [{"role": "user", "content": [{"type": "text", "text": None}]}],
+    [{"role": "user", "content": "   "}],
+    [{"role": ["user"], "content": "a list role"}],
+    [{"role": "user", "content": "\u00e9 \u2603 \x00 \U0001d54f and more"}],
+    [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "y"},
+    ],
+]
+ODD_ANSWERS = ["", "   ", "\u00e9 \u2603 \x00 \U0001d54f, an answer", "long answer " * 200_000]
+
+
+def test_odd_stored_content_is_dropped_or_kept_valid_never_a_crash() -> None:
+    records = [
+        stored(i * 10 + j, f"question {i} {j}", answer, messages=messages, prompt=None)
+        for i, messages in enumerate(ODD_MESSAGES)
+        for j, answer in enumerate(ODD_ANSWERS)
+    ]
+    records += [
+        stored(900 + i, prompt, "Fine.", messages=None, api="completions")
+        for i, prompt in enumerate(["", "  ", "a legacy prompt"])
+    ]
+    for fmt in ("openai", "messages"):
+        out = io.BytesIO()
+        counts = distill(records, TEACHER, DistillFilter(), fmt, out)
+        assert counts.read == len(records)
+        assert counts.kept + sum(counts.dropped.values()) + sum(counts.no_answer.values()) == len(records)
+        lines = out.getvalue().splitlines()
+        assert len(lines) == counts.kept > 0
+        if fmt == "openai":
+            assert [e.rule for e in validate_openai(lines)] in ([], ["insufficient_examples"])
+    # The four that are not a list of objects, with each answer but the empty one (no answer).
+    assert counts.dropped["malformed messages"] == 4 * 3
