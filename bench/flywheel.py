@@ -72,7 +72,7 @@ STUDENTS: dict[str, str] = {
     "claude-v2": "routerbench",
 }
 _MC_BENCHES = frozenset({"arc-challenge", "arc_easy", "arc_challenge", "winogrande"})
-CHECKPOINTS = (500, 1000, 2000, 3000, 5000, 7500, 10000, 15000, 20000)
+CHECKPOINTS = (1000, 2000, 5000, 10000, 20000)
 
 
 @dataclass(frozen=True)

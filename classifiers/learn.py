@@ -42,7 +42,10 @@ from router.workload import escalated
 F64 = npt.NDArray[np.float64]
 
 # Penalties tried for the change from the shipped weights (larger = labels move it more).
-C_GRID: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+C_GRID: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
+# The cues (69 standardised columns) outweigh the two unit-norm n-gram blocks in the penalty;
+# scaling the n-grams up lets the labels lean on wording where that predicts better.
+NGRAM_SCALES: tuple[float, ...] = (1.0, 3.0, 10.0)
 # Below this many labels of either class the shipped model is kept as it is.
 MIN_PER_CLASS = 10
 ALPHA_MIN = 1.0
@@ -180,16 +183,23 @@ class Delta:
     coef: F64  # over F.N_BUCKETS + F.N_CUES columns
     intercept: float
     c: float
+    scale: float = 1.0  # the n-gram columns' scale in the fit
 
     def decision(self, d: Design) -> F64:
         out: F64 = self.alpha * d.base + d.x @ self.coef + self.intercept
         return out
 
 
-def gram(d: Design) -> F64:
-    """The labels' feature inner products (the representer form of the penalised fit)."""
-    g: F64 = np.asarray((d.x @ d.x.T).todense(), dtype=np.float64)
-    return g
+def gram_parts(d: Design) -> tuple[F64, F64]:
+    """The labels' inner products over the n-gram columns and over the cue columns.
+
+    The representer form of the penalised fit needs only these: with the n-gram block
+    scaled by `s`, the Gram matrix is `s**2 * ngrams + cues`.
+    """
+    ng, cues = d.x[:, : F.N_BUCKETS], d.x[:, F.N_BUCKETS :]
+    g_ng: F64 = np.asarray((ng @ ng.T).todense(), dtype=np.float64)
+    g_cue: F64 = np.asarray((cues @ cues.T).todense(), dtype=np.float64)
+    return g_ng, g_cue
 
 
 def _fit_dual(g: F64, base: F64, y: F64, w: F64, c: float) -> tuple[float, float, F64]:
@@ -221,8 +231,11 @@ def _fit_dual(g: F64, base: F64, y: F64, w: F64, c: float) -> tuple[float, float
     return float(res.x[0]), float(res.x[1]), np.asarray(res.x[2:], dtype=np.float64)
 
 
-def fit_delta(d: Design, y: F64, w: F64, c: float, g: F64 | None = None) -> Delta:
-    """Minimise weighted log-loss + |coef|^2 / (2c) over (alpha >= 0, coef, intercept).
+def fit_delta(
+    d: Design, y: F64, w: F64, c: float, scale: float = 1.0, parts: tuple[F64, F64] | None = None
+) -> Delta:
+    """Minimise weighted log-loss + |coef|^2 / (2c) over (alpha >= ALPHA_MIN, coef, intercept),
+    with the n-gram columns scaled by `scale` (a weaker penalty on them than on the cues).
 
     With far fewer labels than features the penalised optimum has coef = x.T @ beta
     (representer theorem), so the search runs over one beta per label on the Gram matrix
@@ -230,9 +243,11 @@ def fit_delta(d: Design, y: F64, w: F64, c: float, g: F64 | None = None) -> Delt
     threads fighting over cores made these small products a hundred times slower.
     """
     with threadpool_limits(1):
-        alpha, b, beta = _fit_dual(gram(d) if g is None else g, d.base, y, w, c)
+        g_ng, g_cue = gram_parts(d) if parts is None else parts
+        alpha, b, beta = _fit_dual(scale * scale * g_ng + g_cue, d.base, y, w, c)
         coef = np.asarray(d.x.T @ beta, dtype=np.float64).ravel()
-    return Delta(alpha=alpha, coef=coef, intercept=b, c=c)
+    coef[: F.N_BUCKETS] *= scale * scale
+    return Delta(alpha=alpha, coef=coef, intercept=b, c=c, scale=scale)
 
 
 def _sigmoid(z: F64) -> F64:
@@ -274,28 +289,31 @@ class Refit:
     """A refit and how it did."""
 
     delta: Delta
-    c_scores: dict[float, float] = field(default_factory=dict)  # C -> cross-validated log-loss
+    # (C, n-gram scale) -> cross-validated log-loss
+    c_scores: dict[tuple[float, float], float] = field(default_factory=dict)
 
 
 def choose_and_fit(d: Design, y: F64, w: F64, prompts: Sequence[str], folds: int = 3) -> Refit:
-    """Pick C from `C_GRID` by cross-validated log-loss (folds by prompt), then fit on everything."""
+    """Pick C and the n-gram scale by cross-validated log-loss (folds by prompt), then fit on all."""
     fold = np.array([prompt_fold(p, folds) for p in prompts])
-    scores: dict[float, float] = {}
+    scores: dict[tuple[float, float], float] = {}
     with threadpool_limits(1):
-        g = gram(d)
-        for c in C_GRID:
-            total, weight = 0.0, 0.0
-            for k in range(folds):
-                tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-                if len(te) == 0 or len(np.unique(y[tr])) < 2:
-                    continue
-                alpha, b, beta = _fit_dual(g[np.ix_(tr, tr)], d.base[tr], y[tr], w[tr], c)
-                z = alpha * d.base[te] + g[np.ix_(te, tr)] @ beta + b
-                total += _log_loss(y[te], z, w[te]) * w[te].sum()
-                weight += w[te].sum()
-            scores[c] = total / weight if weight else math.inf
-    best = min(scores, key=lambda c: (scores[c], c))
-    return Refit(fit_delta(d, y, w, best, g), scores)
+        parts = gram_parts(d)
+        for scale in NGRAM_SCALES:
+            g = scale * scale * parts[0] + parts[1]
+            for c in C_GRID:
+                total, weight = 0.0, 0.0
+                for k in range(folds):
+                    tr, te = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
+                    if len(te) == 0 or len(np.unique(y[tr])) < 2:
+                        continue
+                    alpha, b, beta = _fit_dual(g[np.ix_(tr, tr)], d.base[tr], y[tr], w[tr], c)
+                    z = alpha * d.base[te] + g[np.ix_(te, tr)] @ beta + b
+                    total += _log_loss(y[te], z, w[te]) * w[te].sum()
+                    weight += w[te].sum()
+                scores[c, scale] = total / weight if weight else math.inf
+    c, scale = min(scores, key=lambda k: (scores[k], k))
+    return Refit(fit_delta(d, y, w, c, scale, parts), scores)
 
 
 def apply_delta(
@@ -317,6 +335,7 @@ def apply_delta(
         **info,
         "alpha": a,
         "c": delta.c,
+        "ngram_scale": delta.scale,
         "base_rows_sha256": artifact["metadata"].get("rows_sha256"),
     }
     new["metadata"] = metadata
@@ -351,7 +370,7 @@ class LearnResult:
             f"{'':8s} {'AUROC':>6s} {'APGR':>6s} {'PGR@30%':>8s}",
             f"{'before':8s} {b.auroc:6.3f} {b.apgr:6.3f} {b.pgr_at_30:8.3f}",
             f"{'after':8s} {a.auroc:6.3f} {a.apgr:6.3f} {a.pgr_at_30:8.3f}",
-            f"penalty C={self.refit.delta.c:g} (cross-validated), "
+            f"penalty C={self.refit.delta.c:g}, n-gram scale {self.refit.delta.scale:g} (cross-validated), "
             f"shipped weight alpha={self.refit.delta.alpha:.2f}",
             f"threshold {self.threshold:.6f} sends {self.share:.1%} of {self.prompts} "
             "captured prompts to students",
