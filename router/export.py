@@ -19,6 +19,7 @@ kept, dropped by reason, kept by family.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections import Counter
@@ -273,7 +274,15 @@ def _run(args: argparse.Namespace) -> int:
     try:
         traffic = stored_traffic(config.store, args.since, args.until)
         if args.out == "-":
-            counts = distill(traffic, config.teacher, filters, args.format, sys.stdout.buffer)
+            try:
+                counts = distill(traffic, config.teacher, filters, args.format, sys.stdout.buffer)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                # The reader left (`| head`): say so once, and keep the interpreter's
+                # own flush at exit from failing on the closed pipe again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.stderr.write("triage: the output was closed before the export finished\n")
+                return 1
         else:
             try:
                 out = Path(args.out).open("wb")

@@ -3,20 +3,25 @@ each says what is wrong on one line and exits non-zero, never with a traceback."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
 from router.__main__ import main
 from router.config import StoreConfig
 from router.store import Database
+from router.store.schema import request_row
 from router.workload import request_family
 from tests.conftest import base_config
 from tests.loopback import closed_port_url
 from tests.router.test_export import stored
 
+REPO = Path(__file__).resolve().parents[2]
 URLS = {"small": "http://127.0.0.1:9", "large": "http://127.0.0.1:9", "teacher": "http://127.0.0.1:9"}
 
 
@@ -155,3 +160,29 @@ def test_odd_stored_messages_have_a_family_and_do_not_stop_a_command(messages: A
     # A store written by another version, or by hand, may hold anything in these columns.
     record = stored(1, "q", "an answer", messages=messages, prompt=None)
     assert request_family(record) == "unknown"
+
+
+def test_an_export_whose_reader_leaves_early_stops_with_one_line(tmp_path: Path) -> None:
+    # More examples than a pipe holds, so the export is still writing when its reader leaves.
+    db = Database.connect(StoreConfig(data_dir=tmp_path / "full"))
+    assert db is not None
+    records = [
+        stored(i, f"question {i} about things", f"The answer to question {i} is {i}.") for i in range(2000)
+    ]
+    db.write(
+        [
+            request_row("w", i, r, r.prompt, orjson.dumps(r.messages).decode(), r.answer)
+            for i, r in enumerate(records)
+        ],
+        [],
+    )
+    db.close()
+    config = config_file(tmp_path, "full", {"data_dir": str(tmp_path / "full")})
+    cmd = [sys.executable, "-m", "router", "export", "--distill", "--config", str(config)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert orjson.loads(proc.stdout.readline())["messages"][-1]["role"] == "assistant"
+        proc.stdout.close()  # as `| head -1` does
+        err = proc.stderr.read().decode()
+        assert proc.wait(60) == 1
+    assert err == "triage: the output was closed before the export finished\n"
