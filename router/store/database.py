@@ -34,6 +34,8 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # server shows up as an error (records then wait in memory) rather than a stuck writer.
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 30_000
+# Rows per INSERT statement (33 values each: within SQLite's 32,766 and PostgreSQL's 65,535).
+ROWS_PER_STATEMENT = 100
 # Any fixed number: the advisory lock taken while creating the tables.
 _PG_SCHEMA_LOCK = 7_415_290_361
 
@@ -83,9 +85,7 @@ class Database:
     def __init__(self, conn: Any, dialect: Dialect) -> None:
         self.conn = conn
         self.dialect = dialect
-        p = dialect.placeholder
-        self._insert_requests = insert_sql(REQUESTS, REQUEST_COLUMNS, p)
-        self._insert_shadows = insert_sql(SHADOWS, SHADOW_COLUMNS, p)
+        self._inserts: dict[tuple[str, int], str] = {}
 
     @classmethod
     def connect(cls, store: StoreConfig, *, create: bool = True) -> Database | None:
@@ -155,14 +155,25 @@ class Database:
         """Insert one batch in one transaction (rows already there are skipped)."""
         cur = self._begin()
         try:
-            if requests:
-                cur.executemany(self._insert_requests, requests)
-            if shadows:
-                cur.executemany(self._insert_shadows, shadows)
+            self._insert(cur, REQUESTS, REQUEST_COLUMNS, requests)
+            self._insert(cur, SHADOWS, SHADOW_COLUMNS, shadows)
             self.conn.commit()
         except BaseException:
             self.conn.rollback()
             raise
+
+    def _insert(
+        self, cur: Any, table: str, columns: tuple[tuple[str, str], ...], rows: Sequence[tuple[Any, ...]]
+    ) -> None:
+        # Many rows per statement: the driver hands the GIL back to the event loop around each
+        # statement it runs, and every handover costs the loop a thread switch on its core.
+        for start in range(0, len(rows), ROWS_PER_STATEMENT):
+            chunk = rows[start : start + ROWS_PER_STATEMENT]
+            key = (table, len(chunk))
+            sql = self._inserts.get(key)
+            if sql is None:
+                sql = self._inserts[key] = insert_sql(table, columns, self.dialect.placeholder, len(chunk))
+            cur.execute(sql, [value for row in chunk for value in row])
 
     def prune(
         self,

@@ -109,11 +109,12 @@ def ddl() -> list[str]:
     return statements
 
 
-def insert_sql(table: str, columns: tuple[tuple[str, str], ...], placeholder: str) -> str:
-    """The batch insert for `table`, skipping rows already written (a retried batch)."""
+def insert_sql(table: str, columns: tuple[tuple[str, str], ...], placeholder: str, rows: int = 1) -> str:
+    """The insert of `rows` rows into `table`, skipping rows already written (a retried batch)."""
     names = [c for c, _ in (*_KEY, *columns, *_TEXT_BYTES)]
-    marks = ", ".join([placeholder] * len(names))
-    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+    marks = "(" + ", ".join([placeholder] * len(names)) + ")"
+    values = ", ".join([marks] * rows)
+    return f"INSERT INTO {table} ({', '.join(names)}) VALUES {values} ON CONFLICT DO NOTHING"
 
 
 @dataclass(slots=True)
