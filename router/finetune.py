@@ -85,7 +85,12 @@ def validate_openai(lines: Iterable[str | bytes]) -> list[FormatError]:
     errors: list[FormatError] = []
     count = 0
     for number, raw in enumerate(lines, start=1):
-        text = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            errors.append(FormatError(number, "invalid_encoding", f"a JSONL file is UTF-8: {exc.reason}"))
+            count += 1
+            continue
         if not text.strip():
             errors.append(FormatError(number, "blank_line", "a JSONL file has one example on every line"))
             continue

@@ -190,6 +190,8 @@ ANSWER = {"role": "assistant", "content": "x"}
         ({"messages": [{"role": "tool", "content": "hi"}, ANSWER]}, "message_missing_key"),
         ({"messages": [USER, ANSWER], "family": "chat"}, "unrecognized_key"),
         (b"", "blank_line"),
+        (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "invalid_encoding"),  # Latin-1
+        (b"\xff\xfe{}", "invalid_encoding"),
     ],
 )
 def test_the_validator_rejects_each_broken_rule(line: bytes | dict[str, Any], rule: str) -> None:
