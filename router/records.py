@@ -4,7 +4,8 @@
 comparison that ends later adds a `ShadowRecord` under the same request id. The
 `Recorder` keeps the most recent requests in memory (for the dashboard) and passes
 every record to its sinks (the traffic store). Adding a record never blocks and never
-raises: a sink that cannot keep up drops records and counts them itself.
+raises: a sink that cannot keep up drops records and counts them itself, and a sink that
+raises anyway is logged and skipped, so it fails no request and starves no other sink.
 
 Records hold names from config, fixed vocabularies and numbers. The prompt and the
 answer are there only when capture sampled the request (`captured`).
@@ -12,6 +13,7 @@ answer are there only when capture sampled the request (`captured`).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +22,8 @@ __all__ = ["RecordSink", "Recorder", "RequestRecord", "ShadowRecord"]
 
 # Recent requests kept in memory when config does not say.
 DEFAULT_RECENT = 10_000
+
+log = logging.getLogger("triage")
 
 
 @dataclass(slots=True)
@@ -48,7 +52,7 @@ class RequestRecord:
     fallback: str | None  # why the request fell back to the teacher (a check or an error kind)
     error: str | None  # why the request failed, when it did
     quality: str | None  # "passed", the failed check's name, or None when no check ran
-    shadowed: bool  # a shadow comparison was started; its ShadowRecord follows
+    shadowed: bool  # a shadow comparison was started; its ShadowRecord follows if the teacher answered
     captured: bool = False
     prompt: str | None = None  # the scorer's text of the request (captured, redacted)
     messages: list[dict[str, Any]] | None = None  # the request as chat messages (captured)
@@ -97,18 +101,40 @@ class Recorder:
         # Keep the prompt of every request a shadow comparison or a failed check labels
         # (`capture.labelled`), even when capture did not sample it.
         self.capture_labelled = False
+        self._logged: set[str] = set()
 
     def request(self, record: RequestRecord) -> None:
         """Remember one request and pass it on."""
         self.recent.append(record)
         for sink in self.sinks:
-            sink.request(record)
+            try:
+                sink.request(record)
+            except Exception:
+                self._failed(sink, "request")
 
     def shadow(self, record: ShadowRecord) -> None:
         """Pass a shadow comparison on."""
         for sink in self.sinks:
-            sink.shadow(record)
+            try:
+                sink.shadow(record)
+            except Exception:
+                self._failed(sink, "shadow")
 
     def wants_capture(self) -> bool:
         """Whether the next request's prompt and answer should be captured."""
-        return any(sink.sample_capture() for sink in self.sinks)
+        for sink in self.sinks:
+            try:
+                if sink.sample_capture():
+                    return True
+            except Exception:
+                self._failed(sink, "sample_capture")
+        return False
+
+    def _failed(self, sink: RecordSink, call: str) -> None:
+        # Called from a request's own path: the record is lost to this sink, the request goes on.
+        # Only the first failure of each sink is logged with its traceback (not one per request).
+        name = type(sink).__name__
+        if name in self._logged:
+            return
+        self._logged.add(name)
+        log.exception("record sink %s raised in %s(); its records are skipped while it does", name, call)

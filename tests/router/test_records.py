@@ -222,3 +222,40 @@ def test_a_stream_that_fails_after_its_start_says_why_in_its_one_record(
         (rec,) = sink.requests
         assert (rec.status, rec.model, rec.stream) == (status, "student-small", True)
         assert rec.error is not None and error in rec.error
+
+
+class BrokenSink:
+    """A sink that breaks the protocol: every call raises."""
+
+    def sample_capture(self) -> bool:
+        raise RuntimeError("sampler broken")
+
+    def request(self, record: RequestRecord) -> None:
+        raise RuntimeError("disk full")
+
+    def shadow(self, record: ShadowRecord) -> None:
+        raise RuntimeError("disk full")
+
+
+def test_a_sink_that_raises_fails_no_request_and_no_other_sink(
+    upstreams: Upstreams, make_gateway: GatewayFactory
+) -> None:
+    with make_gateway(base_config(upstreams.urls, shadow_rate=1.0)) as gw:
+        gw.app.state.recorder.sinks.append(BrokenSink())
+        sink = _sink(gw, capture=True)
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        answer = sdk.chat.completions.create(model="auto", messages=[{"role": "user", "content": "thanks"}])
+        assert answer.choices[0].message.content
+        chunks = sdk.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "thanks"}], stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        deadline = time.monotonic() + 5
+        while len(sink.shadows) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [(r.status, r.stream, r.captured) for r in sink.requests] == [
+            (200, False, True),
+            (200, True, True),
+        ]
+        assert len(sink.shadows) == 2
+        assert list(gw.app.state.recorder.recent) == sink.requests
