@@ -223,7 +223,7 @@ def _replayable(record: RequestRecord) -> str | None:
         return "failed"
     if record.reason not in REPLAYED_REASONS:
         return record.reason
-    if record.score is None:
+    if record.score is None or not math.isfinite(record.score):  # (PostgreSQL keeps a NaN)
         return "unscored"
     if record.api not in API_NAMES:  # (written by a gateway that speaks more formats)
         return "unknown api"

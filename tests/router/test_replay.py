@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,17 @@ def test_a_candidates_share_controller_moves_its_thresholds_as_it_replays() -> N
     result = replay(records, config(0.4), steered, None)
     assert 0.55 < result.candidate.student_share < 0.75
     assert result.moved_to_student > 0 and result.moved_to_teacher == 0
+
+
+def test_records_a_store_should_not_hold_are_counted_apart_not_a_crash() -> None:
+    # PostgreSQL keeps a NaN score; another writer may leave odd text or messages.
+    odd = [
+        stored(1, math.nan, ("small",)),
+        stored(2, math.inf, ("small",)),
+        stored(3, 0.2, ("small",), prompt=5, messages="not a list", captured=True),
+        stored(4, 0.2, ("small",), messages=[None, "x"], captured=True),
+    ]
+    result = replay(odd, config(0.4), config(0.3), FixedScorer({}))
+    assert result.not_replayed == {"unscored": 2}
+    assert (result.happened.requests, result.rescored, result.stored_scores) == (2, 0, 2)
+    assert result.by_family.rows["unknown"].requests == 4
