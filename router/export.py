@@ -45,7 +45,10 @@ from router.workload import (
 
 __all__ = ["DistillFilter", "ExportCounts", "add_subcommand", "distill"]
 
-_WORDS = re.compile(r"\w+")
+# Words, and each other character that is not a space; prose punctuation is then dropped, so
+# "What is 3*2?" and "what is 3 * 2" fold together while "3+2" and "3*2" stay apart.
+_TOKENS = re.compile(r"\w+|[^\w\s]")
+_PROSE = frozenset(".,;:!?'\"\u201c\u201d\u2018\u2019\u2026")
 # Content parts that carry text, in chat and in the Responses API's input.
 _TEXT_PARTS = frozenset({"text", "input_text"})
 
@@ -256,8 +259,12 @@ def _text(content: Any) -> str | None:
 
 
 def _prompt_key(turns: list[dict[str, str]]) -> str:
-    """The conversation with case, spacing and punctuation folded away."""
-    return "\n".join(f"{t['role']}:{' '.join(_WORDS.findall(t['content'].lower()))}" for t in turns)
+    """The conversation with case, spacing and prose punctuation folded away (not operators)."""
+    return "\n".join(f"{t['role']}:{_folded(t['content'])}" for t in turns)
+
+
+def _folded(text: str) -> str:
+    return " ".join(t for t in _TOKENS.findall(text.lower()) if t not in _PROSE)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -281,3 +281,18 @@ def test_odd_stored_content_is_dropped_or_kept_valid_never_a_crash() -> None:
             assert [e.rule for e in validate_openai(lines)] in ([], ["insufficient_examples"])
     # The four that are not a list of objects, with each answer but the empty one (no answer).
     assert counts.dropped["malformed messages"] == 4 * 3
+
+
+def test_prompts_that_differ_only_in_an_operator_are_not_duplicates() -> None:
+    asked = [
+        ("What is 3+2?", "5."),
+        ("What is 3*2?", "6."),
+        ("what is 3 * 2", "6, again."),  # case, spacing and punctuation fold: a duplicate
+        ("Is 3 < 5?", "Yes."),
+        ("Is 3 > 5?", "No."),
+        ("Fix: a[i] = b", "Use a(i)."),
+        ("Fix: a(i) = b", "Use a[i]."),
+    ]
+    records = [stored(i, question, answer) for i, (question, answer) in enumerate(asked)]
+    counts = distill(records, TEACHER, DistillFilter(), "openai", io.BytesIO())
+    assert (counts.kept, dict(counts.dropped)) == (6, {"duplicate": 1})
