@@ -170,7 +170,9 @@ def test_the_page_writes_client_text_as_text_and_keeps_its_interval_sane(served:
     hostile = '<img id="pwn" src="x"><b>id</b>'
     sdk = openai.OpenAI(base_url=url + "/v1", api_key="sk-alice", max_retries=0)
     raw = sdk.chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "thanks"}], extra_headers={"x-request-id": hostile}
+        model="auto",
+        messages=[{"role": "user", "content": "thanks"}],
+        extra_headers={"x-request-id": hostile},
     )
     assert raw.headers["x-request-id"] == hostile
     with Chromium() as browser:
