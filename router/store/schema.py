@@ -32,6 +32,7 @@ __all__ = [
     "insert_sql",
     "request_from_row",
     "request_row",
+    "row_columns",
     "shadow_from_row",
     "shadow_row",
 ]
@@ -109,9 +110,14 @@ def ddl() -> list[str]:
     return statements
 
 
+def row_columns(columns: tuple[tuple[str, str], ...]) -> list[str]:
+    """Every column of a row, in order: the key, the record's `columns`, `text_bytes`."""
+    return [c for c, _ in (*_KEY, *columns, *_TEXT_BYTES)]
+
+
 def insert_sql(table: str, columns: tuple[tuple[str, str], ...], placeholder: str, rows: int = 1) -> str:
     """The insert of `rows` rows into `table`, skipping rows already written (a retried batch)."""
-    names = [c for c, _ in (*_KEY, *columns, *_TEXT_BYTES)]
+    names = row_columns(columns)
     marks = "(" + ", ".join([placeholder] * len(names)) + ")"
     values = ", ".join([marks] * rows)
     return f"INSERT INTO {table} ({', '.join(names)}) VALUES {values} ON CONFLICT DO NOTHING"
