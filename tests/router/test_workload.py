@@ -186,3 +186,17 @@ def test_an_export_whose_reader_leaves_early_stops_with_one_line(tmp_path: Path)
         err = proc.stderr.read().decode()
         assert proc.wait(60) == 1
     assert err == "triage: the output was closed before the export finished\n"
+
+
+@pytest.mark.parametrize("command", ["export", "replay"])
+def test_a_config_that_is_not_text_is_one_line(
+    stores: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"models: [\xc3\x28]\n")  # not UTF-8
+    if command == "export":
+        args = ["export", "--distill", "--config", str(binary)]
+    else:
+        args = ["replay", "--config", str(binary), "--current", str(stores["empty"])]
+    assert main(args) == 2
+    assert f"cannot read config {binary}: not UTF-8 text" in one_line_error(capsys)
