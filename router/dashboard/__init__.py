@@ -17,7 +17,6 @@ import hmac
 from importlib.resources import files
 from typing import Any
 
-import orjson
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -25,7 +24,7 @@ from starlette.responses import Response
 
 from router.auth import Authenticator
 from router.dashboard.decisions import DecisionSource, RecentDecisions
-from router.dashboard.summary import Aggregates, aggregates, decisions_page
+from router.dashboard.summary import Aggregates, SummaryBody, aggregates
 from router.errors import AuthError, InvalidRequest
 from router.metrics import Metrics
 from router.records import Recorder
@@ -94,6 +93,7 @@ def add_dashboard(app: FastAPI, metrics: Metrics, recorder: Recorder) -> None:
         return aggregates(metrics.registry)
 
     app.state.summary_aggregates = totals = Aggregates(read_totals)
+    encoded = SummaryBody()
 
     @app.get("/ui", include_in_schema=False)
     async def ui_page() -> Response:
@@ -111,7 +111,5 @@ def add_dashboard(app: FastAPI, metrics: Metrics, recorder: Recorder) -> None:
         check_viewer(request.app.state.gateway.auth, request.headers.get("authorization"))
         offset = _int_param(request, "offset", 0, MAX_OFFSET)
         limit = _int_param(request, "limit", DEFAULT_ROWS, MAX_ROWS)
-        doc = {**totals.get(), "decisions": decisions_page(request.app.state.decisions, offset, limit)}
-        return Response(
-            orjson.dumps(doc), media_type="application/json", headers={"cache-control": "no-store"}
-        )
+        body = encoded.body(totals.get(), request.app.state.decisions, offset, limit)
+        return Response(body, media_type="application/json", headers={"cache-control": "no-store"})

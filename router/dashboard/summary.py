@@ -19,13 +19,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry
 
 from router.dashboard.decisions import DecisionSource, row
 from router.metrics import exported
 from router.stats import Snapshot, Summary, summarize
 
-__all__ = ["AGGREGATES_TTL_S", "CIRCUIT_STATES", "Aggregates", "aggregates", "decisions_page"]
+__all__ = ["AGGREGATES_TTL_S", "CIRCUIT_STATES", "Aggregates", "SummaryBody", "aggregates"]
 
 # `triage_circuit_state`'s values, in order.
 CIRCUIT_STATES = ("closed", "half_open", "open")
@@ -135,16 +136,39 @@ def aggregates(registry: CollectorRegistry) -> dict[str, Any]:
     return doc
 
 
-def decisions_page(decisions: DecisionSource, offset: int, limit: int) -> dict[str, Any]:
-    """One page of the recent decisions table, newest first."""
-    total, records = decisions.page(offset, limit)
-    return {
-        "source": decisions.name,
-        "total": total,
-        "offset": offset,
-        "limit": limit,
-        "rows": [row(r) for r in records],
-    }
+# (totals, source, (total, offset, limit), the page's records, the bytes)
+_Encoded = tuple[dict[str, Any], DecisionSource, tuple[int, int, int], list[Any], bytes]
+
+
+class SummaryBody:
+    """The JSON body: totals and a page of the table, encoded again only when either changed.
+
+    A poll that finds the same totals document (`Aggregates`) and the same records on its
+    page (the same objects, so a new request or a full ring buffer turning over is seen)
+    gets the bytes the previous poll got: a tight loop on one page costs no encoding.
+    """
+
+    def __init__(self) -> None:
+        self._last: _Encoded | None = None
+
+    def body(self, totals: dict[str, Any], source: DecisionSource, offset: int, limit: int) -> bytes:
+        """The document for one page, as JSON bytes."""
+        total, records = source.page(offset, limit)
+        shape = (total, offset, limit)
+        last = self._last
+        if (
+            last is not None
+            and last[0] is totals
+            and last[1] is source
+            and last[2] == shape
+            and len(last[3]) == len(records)
+            and all(a is b for a, b in zip(last[3], records, strict=True))
+        ):
+            return last[4]
+        table = {"source": source.name, "total": total, "offset": offset, "limit": limit}
+        encoded = orjson.dumps({**totals, "decisions": {**table, "rows": [row(r) for r in records]}})
+        self._last = (totals, source, shape, records, encoded)
+        return encoded
 
 
 class Aggregates:

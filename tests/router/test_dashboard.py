@@ -156,6 +156,11 @@ def test_decisions_page_through_a_full_ring_buffer(gateway: Gateway) -> None:
     last = summary(gateway.url, offset=9_990, limit=50)["decisions"]
     assert [r["request_id"] for r in last["rows"]] == [f"req-{i}" for i in range(14, 4, -1)]
     assert summary(gateway.url, offset=20_000)["decisions"]["rows"] == []
+    # The full buffer turns over: the same page, the same total, a new newest row.
+    assert summary(gateway.url)["decisions"] == first
+    recent.append(record(20_000))
+    again = summary(gateway.url)["decisions"]
+    assert again["total"] == first["total"] and again["rows"][0]["request_id"] == "req-20000"
 
 
 @pytest.mark.parametrize(
