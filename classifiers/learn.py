@@ -1,4 +1,4 @@
-"""Learning from traffic: stored outcomes become labels for this student, and the router is refitted on them.
+"""Learning from traffic: stored outcomes become labels for this student; the router is refitted on them.
 
 Labels (`label_traffic`), per stored request that has its prompt (`captured`):
 - a student answer escalated by a quality check (`quality` names the failed check) -> hard (1);
@@ -6,14 +6,15 @@ Labels (`label_traffic`), per stored request that has its prompt (`captured`):
 - a shadow comparison at or above `easy_from` agreement -> easy (0);
 - anything else gives no label (teacher-routed requests, agreement in between, no prompt).
 
-Refit (`refit`): a warm start from the shipped artifact. The new log-odds are
-`alpha * shipped(x) + delta . features(x) + b`, where `features` are the shipped model's own
-hashed n-gram TF-IDF and cue features (its IDF and cue scaling kept), `delta` is L2-penalised
-towards zero (so with few labels the model stays the shipped one) and `alpha >= 0` lets the
-traffic say how much the shipped ranking is worth for this student. Because the shipped model
+Refit (`learn`, `choose_and_fit`): a warm start from the shipped artifact. The new log-odds
+are `alpha * shipped(x) + delta . features(x) + b`, where `features` are the shipped model's
+own hashed n-gram TF-IDF and cue features (its IDF and cue scaling kept), `delta` is
+L2-penalised towards zero (so with few labels the model stays the shipped one) and
+`alpha >= ALPHA_MIN` (1) may sharpen the shipped ranking but never flatten it. Because the shipped model
 is linear in the same features, the result folds back into an artifact of the same format:
 the gateway scores it exactly as before, with no new code on the hot path.
-The penalty is picked from `C_GRID` by cross-validated log-loss on the traffic labels.
+The penalty (`C_GRID`) and the n-gram block's scale against the cues (`NGRAM_SCALES`) are
+picked by cross-validated log-loss on the traffic labels, folds by prompt.
 """
 
 from __future__ import annotations
