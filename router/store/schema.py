@@ -13,6 +13,7 @@ duplicates a request.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -132,8 +133,8 @@ class StoredRequest(RequestRecord):
 
 _REQUEST_NAMES = tuple(c for c, _ in REQUEST_COLUMNS)
 _request_values = attrgetter(*_REQUEST_NAMES)
-_ATTEMPTED, _PROMPT, _MESSAGES, _ANSWER = (
-    _REQUEST_NAMES.index(c) for c in ("attempted", "prompt", "messages", "answer")
+_ATTEMPTED, _PROMPT, _MESSAGES, _ANSWER, _SCORE = (
+    _REQUEST_NAMES.index(c) for c in ("attempted", "prompt", "messages", "answer", "score")
 )
 _shadow_values = attrgetter(*(c for c, _ in SHADOW_COLUMNS))
 
@@ -145,6 +146,10 @@ def request_row(
     values = list(_request_values(rec))
     values[_ATTEMPTED] = ",".join(rec.attempted)
     values[_PROMPT], values[_MESSAGES], values[_ANSWER] = prompt, messages, answer
+    score = rec.score
+    if score is not None and not math.isfinite(score):
+        # SQLite keeps NaN as NULL and PostgreSQL as NaN: both backends read back None.
+        values[_SCORE] = None
     size = sum(len(t.encode()) for t in (prompt, messages, answer) if t)
     return (writer, seq, *values, size)
 

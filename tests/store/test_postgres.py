@@ -36,11 +36,13 @@ def test_records_and_shadows_round_trip(pg_store: StoreConfig) -> None:
     store = TrafficStore(pg_store, CaptureConfig(enabled=True)).start()
     for i in range(1200):  # more than a batch and a read page
         store.request(record(i, captured=i == 3, prompt="write to a@b.example", messages=[{"x": 1}]))
+    store.request(record(1200, score=float("nan")))
     store.shadow(ShadowRecord(time.time(), "r3", "student-small", 0.75, "teacher text", 7, 9))
     store.close()
-    assert store.written == 1201 and store.dropped == 0
+    assert store.written == 1202 and store.dropped == 0
     rows = list(read_traffic(pg_store))
-    assert [r.request_id for r in rows] == [f"r{i}" for i in range(1200)]
+    assert [r.request_id for r in rows] == [f"r{i}" for i in range(1201)]
+    assert rows[-1].score is None and rows[0].score == 0.25  # a NaN score reads back as None
     third = rows[3]
     assert third.captured and third.prompt == "write to [EMAIL]" and third.messages == [{"x": 1}]
     assert third.stream is False and third.attempted == ("student-small",)
