@@ -16,6 +16,7 @@ request). So the gateway's shadow comparison (`router.shadow.agreement`) tells t
 
 The gateway routes with the shipped classifier at the threshold that sends `--share` of the
 traffic to the student, shadows `--shadow-rate` of the student's answers on the teacher,
+explores `--explore-rate` of the teacher's (asks the student too, `routing.explore_rate`),
 and stores every request with its prompt (SQLite, `capture: {enabled: true}`). Then:
 - the learning curve: labels from the first k stored requests, refit, APGR on the unseen
   prompts (teacher quality 1, student quality = its measured outcome);
@@ -25,6 +26,7 @@ and stores every request with its prompt (SQLite, `capture: {enabled: true}`). T
 
     .venv/bin/python bench/flywheel.py                    # 4 students, 20,000 requests each
     .venv/bin/python bench/flywheel.py --students mistral-7b --requests 2000 --no-plot
+    .venv/bin/python bench/flywheel.py --students claude-v2,yi-34b-chat --explore-rate 0.1
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ STUDENTS: dict[str, str] = {
     "llama-3-8b-base": "routerdc_small7",
     "claude-v1": "routerbench",
     "claude-v2": "routerbench",
+    "yi-34b-chat": "routerbench",
 }
+DEFAULT_STUDENTS = ("mistral-7b", "llama-3-8b-base", "claude-v1", "claude-v2")
 _MC_BENCHES = frozenset({"arc-challenge", "arc_easy", "arc_challenge", "winogrande"})
 CHECKPOINTS = (1000, 2000, 5000, 10000, 20000)
 
@@ -144,9 +148,14 @@ def fake_model(name: str, by_prompt: dict[str, Item], always_right: bool, seed: 
 
 
 def gateway_config(
-    student_url: str, teacher_url: str, max_score: float, shadow_rate: float, data_dir: Path
+    student_url: str,
+    teacher_url: str,
+    max_score: float,
+    shadow_rate: float,
+    data_dir: Path,
+    explore_rate: float = 0.0,
 ) -> dict[str, Any]:
-    """Student and teacher on the fakes, the shipped model, shadowing, a store capturing every prompt."""
+    """Student and teacher on the fakes, the shipped model, shadowing, exploring, a store of every prompt."""
     return {
         "admin": {"reload_endpoint": True},
         "models": [
@@ -167,7 +176,7 @@ def gateway_config(
             },
         ],
         "classifier": {"path": str(SHIPPED)},
-        "routing": {"shadow_rate": shadow_rate, "shadow_max_concurrency": 256},
+        "routing": {"shadow_rate": shadow_rate, "explore_rate": explore_rate, "shadow_max_concurrency": 256},
         "store": {"kind": "sqlite", "data_dir": str(data_dir), "flush_interval_s": 0.2},
         "capture": {"enabled": True, "sample_rate": 1.0},
     }
@@ -229,6 +238,7 @@ class StudentResult:
     learn_output: str = ""
     reload_applied: bool = False
     probe_scores: tuple[float | None, float | None] = (None, None)  # before and after the reload
+    explore_rate: float = 0.0
 
 
 def judge(scores: Sequence[float] | np.ndarray, test: Sequence[Item]) -> dict[str, float]:
@@ -283,6 +293,7 @@ def run_student(
     seed: int,
     work: Path,
     checkpoints: Sequence[int] = CHECKPOINTS,
+    explore_rate: float = 0.0,
 ) -> StudentResult:
     """Traffic through the gateway, the learning curve, `triage learn` and a reload, for one student."""
     traffic, test = items(TRAIN_PATH, student), items(DEV_PATH, student)
@@ -297,7 +308,7 @@ def run_student(
         serve(fake_model("student", by_prompt, False, seed)) as student_url,
         serve(fake_model("teacher", by_prompt, True, seed)) as teacher_url,
     ):
-        config = gateway_config(student_url, teacher_url, threshold, shadow_rate, data_dir)
+        config = gateway_config(student_url, teacher_url, threshold, shadow_rate, data_dir, explore_rate)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         with triage_process(config_path, log=work / "gateway.log") as served:
             url = served.url
@@ -367,6 +378,7 @@ def run_student(
         learn_output=out.stdout,
         reload_applied=reloaded,
         probe_scores=(before_score, after_score),
+        explore_rate=explore_rate,
     )
 
 
@@ -421,8 +433,11 @@ def plot(results: Sequence[StudentResult], path: Path) -> None:
     axes[0].set_ylabel("APGR on unseen prompts")
     axes[0].legend(fontsize=8)
     rate = results[0].shadow_rate
+    explore = (
+        f", explore rate {results[0].explore_rate:.0%} of teacher answers" if results[0].explore_rate else ""
+    )
     fig.suptitle(
-        f"Learning from traffic: shadow rate {rate:.0%} of student answers, "
+        f"Learning from traffic: shadow rate {rate:.0%} of student answers{explore}, "
         f"{results[0].share:.0%} student share"
         " (dotted: shipped + 0.05; dashed: first point 0.02 above shipped)",
         fontsize=9,
@@ -436,9 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--students", default=",".join(STUDENTS), help="comma-separated student keys")
+    parser.add_argument(
+        "--students", default=",".join(DEFAULT_STUDENTS), help=f"comma-separated, of: {', '.join(STUDENTS)}"
+    )
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--shadow-rate", type=float, default=0.1)
+    parser.add_argument(
+        "--explore-rate", type=float, default=0.0, help="share of teacher answers also asked of the student"
+    )
     parser.add_argument("--share", type=float, default=0.7, help="student share the router is set to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "flywheel.png")
@@ -449,18 +469,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     if args.from_json:
         results = [load_result(r) for r in json.loads(args.from_json.read_text())]
-        args.shadow_rate, args.requests, args.share = (
+        args.shadow_rate, args.requests, args.share, args.explore_rate = (
             results[0].shadow_rate,
             results[0].requests,
             results[0].share,
+            results[0].explore_rate,
         )
     for student in [] if args.from_json else args.students.split(","):
         with tempfile.TemporaryDirectory(prefix="triage-flywheel-") as tmp:
             results.append(
-                run_student(student, args.requests, args.shadow_rate, args.share, args.seed, Path(tmp))
+                run_student(
+                    student,
+                    args.requests,
+                    args.shadow_rate,
+                    args.share,
+                    args.seed,
+                    Path(tmp),
+                    explore_rate=args.explore_rate,
+                )
             )
     print(
-        f"\nshadow rate {args.shadow_rate:.0%}, {args.requests} requests per student, "
+        f"\nshadow rate {args.shadow_rate:.0%}, explore rate {args.explore_rate:.0%}, "
+        f"{args.requests} requests per student, "
         f"router at {args.share:.0%} student share"
     )
     print(

@@ -363,6 +363,14 @@ class RoutingConfig(_Strict):
     shadow_rate: float = Field(
         0.0, ge=0, le=1, description="Share of student-served requests also sent to the teacher."
     )
+    explore_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of teacher-served, classifier-routed requests also sent to the student next in "
+        "line (the highest-threshold student able to take them) and compared like a shadow sample, so "
+        "`triage learn` gets labels above the threshold too. Shares shadow_max_concurrency.",
+    )
     shadow_max_concurrency: int = Field(4, ge=1)
 
     @model_validator(mode="after")

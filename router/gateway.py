@@ -95,6 +95,8 @@ class Gateway:
             metrics,
             self.accountant,
             self.recorder,
+            explore_rate=config.routing.explore_rate,
+            student_pools={m.name: self.pools[m.name] for m in config.students},
         )
         target = config.routing.target_student_share
         metrics.student_share_target.set(target if target is not None else math.nan)

@@ -388,7 +388,8 @@ class Metrics:
         self.shadow_cost = CounterFamily(
             Counter(
                 "triage_shadow_cost_usd",
-                "Spend on shadow teacher calls, by the student shadowed.",
+                "Spend on shadow calls (the teacher asked for a student answer, or the student for a "
+                "teacher answer when exploring), by student.",
                 ["model"],
                 registry=registry,
             ),

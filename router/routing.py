@@ -44,6 +44,9 @@ class Decision:
     model: ModelConfig
     reason: Reason
     score: float | None
+    # When the score sent the request to the teacher: the student next in line (the
+    # highest-threshold student able to take it), which exploration may ask.
+    next_student: ModelConfig | None = None
 
 
 @dataclass(slots=True)
@@ -186,7 +189,18 @@ class ThresholdPolicy:
                 skipped = skipped or "context"
                 continue
             return Decision(student, skipped or "classifier", score)
-        return Decision(self._teacher, skipped or "classifier", score)
+        return Decision(self._teacher, skipped or "classifier", score, self._next_in_line(ctx))
+
+    def _next_in_line(self, ctx: RequestContext) -> ModelConfig | None:
+        threshold = self.controller.threshold
+        able = [
+            s
+            for s in self._students
+            if (not ctx.needs or _can(s, ctx.needs))
+            and self.serves(s, ctx.api)
+            and (s.context_window is None or ctx.needed_tokens <= s.context_window)
+        ]
+        return max(able, key=lambda s: threshold(s.name), default=None)
 
 
 def _can(model: ModelConfig, needs: frozenset[Capability]) -> bool:

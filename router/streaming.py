@@ -208,8 +208,14 @@ async def _pump(
     status = 200
     note: str | None = None
     shadowed = model.role == "student" and gw.shadow.sample()
-    # The answer's text is gathered only for a shadow comparison or a captured record.
-    collected = StreamAnswer() if shadowed or ex.capture else None
+    explored = (
+        not shadowed
+        and model is ex.decision.model
+        and ex.decision.next_student is not None
+        and gw.shadow.sample_explore()
+    )
+    # The answer's text is gathered only for a comparison (either direction) or a captured record.
+    collected = StreamAnswer() if shadowed or explored or ex.capture else None
     inflight = gw.metrics.level(gw.metrics.inflight.labels(model.name))
     inflight.value += 1
     out: list[bytes] = []
@@ -276,6 +282,16 @@ async def _pump(
             if shadowed:
                 ex.shadowed = gw.shadow.start(
                     model, wire, ex.upstream_payload(leg), text, ex.request_id, ex.capture
+                )
+            elif explored and ex.decision.next_student is not None:
+                ex.shadowed = gw.shadow.explore(
+                    ex.decision.next_student,
+                    wire,
+                    ex.upstream_payload(leg),
+                    text,
+                    usage,
+                    ex.request_id,
+                    ex.capture,
                 )
     except UpstreamError as exc:
         status = exc.status_code
