@@ -72,6 +72,12 @@ class LearnedScorer(TextScorer):
                 artifact = joblib.load(path)
             except Warning as exc:
                 raise ArtifactError(f"{path}: built with another scikit-learn: {exc}") from exc
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a file that is no artifact fails anywhere in unpickling
+                raise ArtifactError(
+                    f"{path}: not a readable classifier artifact ({type(exc).__name__})"
+                ) from exc
         if not isinstance(artifact, dict) or artifact.get("format") != FORMAT:
             raise ArtifactError(f"{path}: not a {FORMAT} artifact")
         if artifact.get("format_version") != FORMAT_VERSION:
@@ -85,7 +91,12 @@ class LearnedScorer(TextScorer):
                 f"{path}: trained with features {spec}, this code computes {feature_spec()}; "
                 f"retrain with `triage train --out {path}`"
             )
-        return cls(artifact)
+        try:
+            return cls(artifact)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ArtifactError(
+                f"{path}: a {FORMAT} artifact with missing or malformed parts ({exc!r})"
+            ) from exc
 
     def lexical(self, text: str) -> float:
         """The n-gram and cue model's log-odds."""

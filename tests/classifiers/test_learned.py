@@ -83,6 +83,27 @@ def test_version_mismatch_is_a_clear_error(fitted: Fitted, tmp_path: Path) -> No
         LearnedScorer.load(path)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"x", bytes(range(256)) * 12, b"\x80\x04\x95garbage"],
+    ids=["empty", "one-byte", "random", "broken-pickle"],
+)
+def test_a_file_that_is_no_artifact_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "garbage.joblib"
+    path.write_bytes(content)
+    with pytest.raises(ArtifactError, match="not a readable classifier artifact"):
+        LearnedScorer.load(path)
+
+
+def test_an_artifact_missing_its_parts_is_a_clear_error(fitted: Fitted, tmp_path: Path) -> None:
+    path = tmp_path / "partial.joblib"
+    artifact = dict(fitted.artifact)
+    del artifact["token_weights"]
+    save(artifact, path)
+    with pytest.raises(ArtifactError, match="missing or malformed parts"):
+        LearnedScorer.load(path)
+
+
 def test_foreign_sklearn_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sklearn.linear_model import LogisticRegression
 
