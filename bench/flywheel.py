@@ -428,7 +428,7 @@ def plot(results: Sequence[StudentResult], path: Path) -> None:
             ax.axhline(res.before["apgr"] + 0.05, color=line.get_color(), ls=":", lw=0.8)
         if res.gain_shows_at is not None:
             axes[1].axvline(res.gain_shows_at, color=line.get_color(), ls="--", lw=0.8)
-    axes[0].set_xlabel("labelled outcomes (shadow comparisons and escalations)")
+    axes[0].set_xlabel("labelled outcomes (shadow and explore comparisons, escalations)")
     axes[1].set_xlabel("requests seen")
     axes[0].set_ylabel("APGR on unseen prompts")
     axes[0].legend(fontsize=8)
@@ -438,8 +438,8 @@ def plot(results: Sequence[StudentResult], path: Path) -> None:
     )
     fig.suptitle(
         f"Learning from traffic: shadow rate {rate:.0%} of student answers{explore}, "
-        f"{results[0].share:.0%} student share"
-        " (dotted: shipped + 0.05; dashed: first point 0.02 above shipped)",
+        f"{results[0].share:.0%} student share\n"
+        "(dotted: shipped + 0.05; dashed: first point 0.02 above shipped)",
         fontsize=9,
     )
     fig.tight_layout()
