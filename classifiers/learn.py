@@ -38,7 +38,6 @@ from classifiers import features as F
 from classifiers.learned import LearnedScorer
 from classifiers.metrics import auroc, routing_curve
 from router.records import RequestRecord, ShadowRecord
-from router.workload import escalated
 
 F64 = npt.NDArray[np.float64]
 
@@ -113,7 +112,7 @@ def label_traffic(traffic: Traffic, rule: LabelRule | None = None) -> tuple[list
         counts.requests += 1
         label: int | None = None
         why = "shadow"
-        if escalated(record):
+        if record.escalated:
             student = record.attempted[0] if record.attempted else None
             if rule.student is not None and student != rule.student:
                 counts.other_student += 1

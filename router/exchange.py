@@ -17,7 +17,7 @@ from router.endpoints.base import Translation
 from router.errors import GatewayError
 from router.gateway import Gateway
 from router.logs import ACCESS, UPSTREAM, event
-from router.records import RequestRecord
+from router.records import RequestRecord, failed_check
 from router.routing import Decision
 
 __all__ = ["Exchange", "Leg", "QualityFailure"]
@@ -289,9 +289,7 @@ class Exchange:
             record.prompt = self.prompt.text
             record.messages = self._chat_messages()
             record.answer = self.answer_text
-        elif self.gateway.recorder.capture_labelled and (
-            self.shadowed or (self.quality is not None and self.quality != "passed")
-        ):
+        elif self.gateway.recorder.capture_labelled and (self.shadowed or failed_check(self.quality)):
             # An outcome labels this request (`triage learn`): keep what was asked, not the answer.
             record.captured = True
             record.prompt = self.prompt.text

@@ -35,7 +35,6 @@ from router.records import RequestRecord, ShadowRecord
 from router.workload import (
     StoreUnreadable,
     add_store_command,
-    escalated,
     load_stored,
     no_requests,
     parse_score,
@@ -153,7 +152,7 @@ def distill(
 def _teacher_answers(record: RequestRecord, teacher: str) -> Iterable[tuple[str, str]]:
     """(source, the teacher's text) for each teacher answer the record holds."""
     if record.model == teacher and record.status < 400 and record.answer:
-        if escalated(record):
+        if record.escalated:
             yield "escalation", record.answer
         elif record.fallback is not None:
             yield "fallback", record.answer

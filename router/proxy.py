@@ -50,6 +50,7 @@ from router.limits import Admission
 from router.logs import ACCESS, UPSTREAM, event
 from router.policy import RequestContext
 from router.quality import check_answer, input_rejection
+from router.records import PASSED
 from router.streaming import GatewayStream, stream_attempt
 from router.upstream import ModelPool, UpstreamReply
 
@@ -578,7 +579,7 @@ async def _json_attempt(ex: Exchange, pool: ModelPool, idx: int, model: ModelCon
         failed = check_answer(answer, model.checks, ex.prompt, gw.refusals[model.name])
         if failed is not None and ex.may_escalate(usage):
             raise ex.fail_quality(model, failed, usage)
-        ex.quality = "passed"
+        ex.quality = PASSED
         if ex.strip_logprobs:
             wire.strip_logprobs(parsed)
             content = orjson.dumps(parsed)

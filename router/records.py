@@ -18,7 +18,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["RecordSink", "Recorder", "RequestRecord", "ShadowRecord"]
+__all__ = ["PASSED", "RecordSink", "Recorder", "RequestRecord", "ShadowRecord", "failed_check"]
+
+# The quality verdict of a student answer every check passed (otherwise: the failed check's name).
+PASSED = "passed"
 
 # Recent requests kept in memory when config does not say.
 DEFAULT_RECENT = 10_000
@@ -51,13 +54,23 @@ class RequestRecord:
     upstream_ms: float
     fallback: str | None  # why the request fell back to the teacher (a check or an error kind)
     error: str | None  # why the request failed, when it did
-    quality: str | None  # "passed", the failed check's name, or None when no check ran
+    quality: str | None  # PASSED, the failed check's name, or None when no check ran
     shadowed: bool  # a shadow comparison was started; its ShadowRecord follows if the teacher answered
     captured: bool = False
     prompt: str | None = None  # the scorer's text of the request (captured, redacted)
     messages: list[dict[str, Any]] | None = None  # the request as chat messages (captured)
     answer: str | None = None  # the served answer's text (captured)
     family: str | None = None  # the client's own workload tag (`x-triage-family`), when it sent one
+
+    @property
+    def escalated(self) -> bool:
+        """Whether a quality check failed the student's answer (and the teacher was asked instead)."""
+        return failed_check(self.quality)
+
+
+def failed_check(quality: str | None) -> bool:
+    """Whether a quality verdict names a failed check."""
+    return quality is not None and quality != PASSED
 
 
 @dataclass(slots=True)

@@ -47,7 +47,6 @@ from router.workload import (
     StoreUnreadable,
     Workloads,
     add_store_command,
-    escalated,
     load_stored,
     no_requests,
     percent,
@@ -259,7 +258,7 @@ def replay(
         band.requests += 1
         if record.attempted[0] in students_then:
             band.student_first += 1
-            band.escalations += escalated(record)
+            band.escalations += record.escalated
         for shadow in _shadows(record):
             band.shadows += 1
             band.agreement_sum += shadow.agreement

@@ -26,6 +26,7 @@ from router.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable, h
 from router.exchange import Exchange, Leg
 from router.logs import UPSTREAM, event
 from router.quality import check_answer
+from router.records import PASSED
 from router.sse import SSEStream
 from router.upstream import ModelPool
 
@@ -182,7 +183,7 @@ async def _hold_back(ex: Exchange, upstream: _Upstream, held: list[_Event]) -> N
     checked = answer.answer(complete=upstream.ended)
     failed = check_answer(checked, model.checks, ex.prompt, ex.gateway.refusals[model.name])
     if failed is None:
-        ex.quality = "passed"
+        ex.quality = PASSED
         return
     usage = ex.estimate(answer.events)
     for _, obj, _ in held:

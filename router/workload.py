@@ -34,7 +34,6 @@ __all__ = [
     "WorkloadRow",
     "Workloads",
     "add_store_command",
-    "escalated",
     "load_stored",
     "no_requests",
     "parse_score",
@@ -58,11 +57,6 @@ def request_family(record: RequestRecord) -> str:
         # (a store written by another version, or by hand, may hold anything here)
         text = prompt_text([m for m in record.messages if isinstance(m, dict)])
     return family_of(text) if text.strip() else UNKNOWN
-
-
-def escalated(record: RequestRecord) -> bool:
-    """Whether a quality check failed the student's answer (and the teacher was asked instead)."""
-    return record.quality is not None and record.quality != "passed"
 
 
 @dataclass(slots=True)
@@ -146,7 +140,7 @@ class Workloads:
         row.requests += 1
         if record.attempted and record.attempted[0] in students:
             row.student_first += 1
-            row.escalations += escalated(record)
+            row.escalations += record.escalated
         row.student_served += record.model in students
         for shadow in shadows:
             row.shadows += 1
