@@ -28,6 +28,7 @@ from classifiers.artifact import FORMAT, FORMAT_VERSION, feature_spec, sigmoid
 from classifiers.base import TextScorer
 from classifiers.semantic import TokenWeights
 
+_SUM = np.add.reduce
 # score_many encodes the unseen chunks of this many texts in one tokenizer call.
 _PRIME_BATCH = 1024
 
@@ -100,14 +101,18 @@ class LearnedScorer(TextScorer):
 
     def lexical(self, text: str) -> float:
         """The n-gram and cue model's log-odds."""
-        return self._lexical_from(F.featurize(text))
+        return self._lexical(*F.featurize_parts(text))
 
     def _lexical_from(self, f: F.Features) -> float:
         """The n-gram and cue model's log-odds for computed features."""
-        z = self._offset + float(np.dot(f.cues, self._cue_w))
-        for idx in (f.char_idx, f.word_idx):
+        return self._lexical(f.char_idx, f.word_idx, f.cues)
+
+    def _lexical(self, char_idx: F.I64, word_idx: F.I64, cues: F.F64) -> float:
+        z = self._offset + float(np.dot(cues, self._cue_w))
+        for idx in (char_idx, word_idx):
             if len(idx):
-                z += float(self._wi[idx].sum()) / math.sqrt(float(self._idf2[idx].sum()))
+                # add.reduce is what ndarray.sum() runs, without its Python-level wrapper.
+                z += float(_SUM(self._wi[idx])) / math.sqrt(float(_SUM(self._idf2[idx])))
         return z
 
     def semantic_part(self, text: str) -> float:
