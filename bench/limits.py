@@ -3,7 +3,9 @@
 Drives `router.limits.SharedLimits` (admission, then the charge of the answer) directly against
 a redis-server started here, and `router.auth.KeyState` (the in-process buckets) the same way,
 with no HTTP around them, so the numbers are what the limits themselves add: CPU per request
-(this process only; Redis's own CPU is not counted) and requests per second.
+(this process only; Redis's own CPU is not counted) and requests per second. Redis runs twice:
+with leases (the default `state.lease_fraction`) and exact (`lease_fraction: 0`, a round trip
+per admission, shared by the admissions of one event-loop turn).
 
     .venv/bin/python bench/limits.py                 # concurrency 1, 8, 32; 3 rounds
     .venv/bin/python bench/limits.py --requests 5000 --rounds 5
@@ -67,30 +69,44 @@ async def _measure(one: object, concurrency: int, requests: int) -> tuple[float,
 async def _run(concurrencies: list[int], requests: int, rounds: int) -> None:
     metrics = Metrics(CollectorRegistry())
     # A generous timeout: on a loaded machine a failed call would be skipped (cheaper), not measured.
-    state = SharedState(StateConfig(redis_url_env=URL_ENV, timeout_s=2.0), metrics)
-    shared = SharedLimits(state, LIMITS, metrics)
+    leased = SharedState(StateConfig(redis_url_env=URL_ENV, timeout_s=2.0), metrics)
+    exact = SharedState(StateConfig(redis_url_env=URL_ENV, timeout_s=2.0, lease_fraction=0), metrics)
+    sides = {"leased": SharedLimits(leased, LIMITS, metrics), "exact": SharedLimits(exact, LIMITS, metrics)}
     key = KeyState("bench", _Bucket(10**9), _Bucket(10**12), budget_usd=10**9)
-
-    async def redis_one() -> None:
-        await _redis_request(shared)
 
     async def local_one() -> None:
         await _local_request(key)
 
-    for _ in range(300):  # connections open, script loaded
-        await redis_one()
-    print(f"{'conc':>5} | {'in process µs':>13} {'req/s':>9} | {'Redis µs':>9} {'req/s':>9} | {'+µs CPU':>8}")
+    def redis_one(limits: SharedLimits) -> object:
+        async def one() -> None:
+            await _redis_request(limits)
+
+        return one
+
+    for limits in sides.values():
+        for _ in range(300):  # connections open, script loaded
+            await _redis_request(limits)
+    print(
+        f"{'conc':>5} | {'in process µs':>13} {'req/s':>9} | {'leased µs':>9} {'req/s':>9} "
+        f"| {'exact µs':>9} {'req/s':>9}"
+    )
     for conc in concurrencies:
-        local = [await _measure(local_one, conc, requests) for _ in range(rounds)]
-        redis = [await _measure(redis_one, conc, requests) for _ in range(rounds)]
-        l_cpu, l_rps = statistics.median(x[0] for x in local), statistics.median(x[1] for x in local)
-        r_cpu, r_rps = statistics.median(x[0] for x in redis), statistics.median(x[1] for x in redis)
-        print(
-            f"{conc:>5} | {l_cpu:>13.1f} {l_rps:>9.0f} | {r_cpu:>9.1f} {r_rps:>9.0f} | {r_cpu - l_cpu:>8.1f}"
-        )
+        runs: dict[str, list[tuple[float, float]]] = {"local": [], "leased": [], "exact": []}
+        for _ in range(rounds):  # interleaved, so drift in the machine's load hits every side
+            runs["local"].append(await _measure(local_one, conc, requests))
+            for name, limits in sides.items():
+                runs[name].append(await _measure(redis_one(limits), conc, requests))
+        cells = []
+        for name in ("local", "leased", "exact"):
+            cpu = statistics.median(x[0] for x in runs[name])
+            rps = statistics.median(x[1] for x in runs[name])
+            cells.append(f"{cpu:>9.1f} {rps:>9.0f}")
+        print(f"{conc:>5} | {cells[0]:>23} | {cells[1]} | {cells[2]}")
     print("µs = this process's CPU per request (admission + charge), median of rounds")
-    await shared.aclose()
-    await state.aclose()
+    for limits in sides.values():
+        await limits.aclose()
+    await leased.aclose()
+    await exact.aclose()
 
 
 def main() -> int:

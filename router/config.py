@@ -453,6 +453,21 @@ class StateConfig(_Strict):
     share_controller: bool = Field(
         True, description="Share the student-share controller's window and factor across replicas."
     )
+    lease_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=0.25,
+        description="Share of a key's requests-per-minute limit that a process reserves in Redis at a "
+        "time and admits from without a round trip (router/limits.py). 0: every admission asks Redis. "
+        "A key whose lease would hold fewer than 2 requests always asks Redis.",
+    )
+    lease_s: float = Field(
+        0.05,
+        gt=0,
+        le=5,
+        description="How long a lease, and the key's token and budget state read with it, is trusted "
+        "before the next admission asks Redis again; unused requests then go back.",
+    )
 
 
 class AdminConfig(_Strict):

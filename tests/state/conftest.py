@@ -14,12 +14,15 @@ from typing import Any
 
 import pytest
 
+from router.config import StateConfig
 from tests.conftest import Upstreams, base_config
 from tests.loopback import free_port
 
 REDIS_URL_ENV = "TRIAGE_TEST_REDIS_URL"
 KEYS_ENV = "TRIAGE_TEST_KEYS"
 BODY = {"model": "student-small", "messages": [{"role": "user", "content": "hi"}]}
+# How old a gateway's view of a key's token and budget state may be (the default `state.lease_s`).
+LEASE_S: float = StateConfig.model_fields["lease_s"].default
 # student-small's price and the fake's usage (11 prompt + 5 completion tokens) per answer.
 COST = (11 * 0.1 + 5 * 0.2) / 1e6
 
@@ -102,11 +105,13 @@ class RedisServer:
         return out.stdout.strip()
 
     def spent(self, key: str, at_least: float, prefix: str = "triage:") -> float:
-        """The key's spend once it reaches `at_least` (charges reach Redis just after answers)."""
+        """The key's spend once it reaches `at_least` (charges reach Redis just after answers),
+        and LEASE_S later: by then every gateway's next admission sees it."""
         deadline = time.monotonic() + 10
         while True:
             value = float(self.command("GET", f"{prefix}spend:{key}") or 0)
             if value >= at_least * (1 - 1e-9) or time.monotonic() > deadline:
+                time.sleep(LEASE_S)
                 return value
             time.sleep(0.01)
 
