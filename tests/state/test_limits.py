@@ -11,9 +11,10 @@ import httpx2 as httpx
 import pytest
 import yaml
 
+from router.limits import CHARGE_DELAY_S
 from tests.conftest import GatewayFactory, Upstreams
 from tests.loopback import triage_process
-from tests.state.conftest import BODY, COST, RedisServer, shared
+from tests.state.conftest import BODY, COST, LEASE_S, RedisServer, shared
 
 
 def post(url: str, key: str = "sk-alice") -> httpx.Response:
@@ -62,6 +63,25 @@ def test_leases_never_admit_more_than_the_limit(
     # What leases cost: requests one process holds unused are not there for the others,
     # at most a lease (6) per process (4).
     assert admitted >= 120 - 4 * 6, (admitted, elapsed)
+
+
+def test_unused_leased_requests_go_back_when_the_lease_goes_stale_and_at_shutdown(
+    redis_server: RedisServer, upstreams: Upstreams, make_gateway: GatewayFactory
+) -> None:
+    # 1,000 a minute (60 ms a request), 5% a lease: the first request reserves 50 (3 s of the
+    # bucket) and uses one; the other 49 must not stay out of the other replicas' reach.
+    raw = shared(upstreams, {"requests_per_minute": 1000}, lease_fraction=0.05, timeout_s=5)
+    held = "triage:limits:alice:requests"
+    with make_gateway(raw) as gw:
+        assert post(gw.url).status_code == 200
+        assert int(redis_server.command("PTTL", held)) > 2000  # the lease is out
+        time.sleep(LEASE_S + CHARGE_DELAY_S + 0.2)  # stale, and its give-back sent
+        assert int(redis_server.command("PTTL", held)) <= 60  # what the one request used
+        for _ in range(3):
+            assert post(gw.url).status_code == 200
+        assert int(redis_server.command("PTTL", held)) > 2000
+    # Stopped within the lease's time: it went back at shutdown.
+    assert int(redis_server.command("PTTL", held)) <= 3 * 60
 
 
 def test_tokens_charged_on_one_gateway_limit_the_other(
