@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -69,10 +69,31 @@ MAX_MESSAGES = 10_000
 CLIENT_GONE = "triage.client_gone"
 _EXCHANGE = "triage.exchange"
 _ADMITTED = "triage.admitted"
+# uuid4's version and variant bits, set on 128 random bits: `uuid.uuid4().hex` without the
+# UUID object.
+_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+
+# A request's headers by lower-case name (`_header_map`).
+Headers = dict[bytes, bytes]
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    declared = request.headers.get("content-length")
+def _header_map(request: Request) -> Headers:
+    """The request's headers by name, the first of a repeated one winning (as `Headers.get`).
+
+    One pass over the list, where each `request.headers.get` scans it again and raises and
+    catches a KeyError for a missing header, as most of the gateway's own headers are.
+    """
+    return dict(reversed(request.scope["headers"]))
+
+
+def _header(headers: Headers, name: bytes) -> str | None:
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
+async def _read_body(request: Request, headers: Headers, limit: int, timeout_s: float) -> bytes:
+    declared = _header(headers, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
     chunks = []
@@ -209,15 +230,15 @@ def _parse(body: bytes, fmt: WireFormat, max_containers: int) -> dict[str, Any]:
     return payload
 
 
-def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id")
+def _request_id(headers: Headers) -> str:
+    given = _header(headers, b"x-request-id")
     if given and len(given) <= _REQUEST_ID_MAX and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return "%032x" % (int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET)
 
 
-def _budget_header(request: Request) -> float | None:
-    raw = request.headers.get("x-triage-escalation-budget-usd")
+def _budget_header(headers: Headers) -> float | None:
+    raw = _header(headers, b"x-triage-escalation-budget-usd")
     if raw is None:
         return None
     try:
@@ -232,9 +253,9 @@ def _budget_header(request: Request) -> float | None:
     return value
 
 
-def _family_header(request: Request) -> str | None:
+def _family_header(headers: Headers) -> str | None:
     """The client's own workload tag, kept in the request's record for per-workload reports."""
-    raw = request.headers.get("x-triage-family")
+    raw = _header(headers, b"x-triage-family")
     if raw is None:
         return None
     tag = raw.strip().lower()
@@ -301,21 +322,20 @@ async def read_request(request: Request, fmt: WireFormat, gw: Gateway) -> tuple[
 
     Returns (the caller's key state or None, the payload). Raises GatewayError.
     """
-    key, payload, admission = await _read(request, fmt, gw)
+    key, payload, admission = await _read(request, _header_map(request), fmt, gw)
     if admission is not None:
         await _admitted(gw, key, admission)
     return key, payload
 
 
 async def _read(
-    request: Request, fmt: WireFormat, gw: Gateway
+    request: Request, headers: Headers, fmt: WireFormat, gw: Gateway
 ) -> tuple[KeyState | None, dict[str, Any], Admission | None]:
     """`read_request`, with a key's shared admission still on its way from Redis."""
     key = None
     admission = None
     if gw.auth.enabled:
-        headers = request.headers
-        key = gw.auth.authenticate(headers.get("authorization"), headers.get("x-api-key"))
+        key = gw.auth.authenticate(_header(headers, b"authorization"), _header(headers, b"x-api-key"))
     if key is not None:
         if key.shared is None:
             try:
@@ -330,7 +350,7 @@ async def _read(
                 # reading, parsing and scoring the request.
                 await asyncio.sleep(0)
     config = gw.config
-    body = await _read_body(request, config.server.max_body_bytes, config.server.body_timeout_s)
+    body = await _read_body(request, headers, config.server.max_body_bytes, config.server.body_timeout_s)
     return key, _parse(body, fmt, config.server.max_json_containers), admission
 
 
@@ -345,19 +365,20 @@ async def _admitted(gw: Gateway, key: Any, admission: Admission) -> None:
 
 async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
     started = time.perf_counter()
-    request_id = _request_id(request)
+    headers = _header_map(request)
+    request_id = _request_id(headers)
     config = gw.config
     key = None
     try:
-        key, payload, admission = await _read(request, fmt, gw)
+        key, payload, admission = await _read(request, headers, fmt, gw)
         # Refused here, before a score or a decision: a refused request must not steer the policy.
-        budget_usd = _budget_header(request)
-        family = _family_header(request)
+        budget_usd = _budget_header(headers)
+        family = _family_header(headers)
         gw.admit()
         request.scope[_ADMITTED] = True
         prompt = fmt.prompt(payload)
         requested: str = payload["model"]
-        override = request.headers.get("x-triage-route")
+        override = _header(headers, b"x-triage-route")
         policy = gw.policy
         score = None
         if fmt.scored and policy.needs_score(requested, override, fmt.name):
@@ -381,12 +402,12 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
         )
     except GatewayError as exc:
         _rejected(gw, fmt, request_id, exc, None if key is None else key.name)
-        headers = {"x-request-id": request_id}
+        answer = {"x-request-id": request_id}
         if isinstance(exc, RateLimited):
-            headers.update(retry_after_header(exc.retry_after_s))
-        return error_response(exc, fmt, headers)
+            answer.update(retry_after_header(exc.retry_after_s))
+        return error_response(exc, fmt, answer)
     gw.metrics.routing_decisions.labels(decision.model.name, decision.reason).inc()
-    opted_out = request.headers.get("x-triage-fallback", "").lower() == "off"
+    opted_out = (_header(headers, b"x-triage-fallback") or "").lower() == "off"
     stream = fmt.wants_stream(payload)
     cascade = config.routing.cascade
     ex = Exchange(
