@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
-from typing import Generic, TypeVar
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,6 +34,7 @@ __all__ = [
     "CounterFamily",
     "Level",
     "Metrics",
+    "Spread",
     "Tally",
     "exported",
     "exposition",
@@ -77,6 +79,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 M = TypeVar("M", Gauge, Histogram)
+W = TypeVar("W", "Tally", "Spread")
 
 
 class Family(Generic[M]):
@@ -135,23 +138,78 @@ class Tally:
                 self.flushed = total
 
 
-class CounterFamily:
-    """A labelled counter whose children are `Tally`s, created once and flushed when sampled."""
+class _Flushed(Generic[W]):
+    """A labelled metric whose children are wrappers (`Tally`, `Spread`), created once and
+    flushed when sampled."""
 
-    __slots__ = ("_children", "_tallies", "metric")
+    __slots__ = ("_children", "_flushed", "_wrap", "metric")
 
-    def __init__(self, metric: Counter, tallies: list[Tally]) -> None:
+    def __init__(self, metric: Counter | Histogram, wrap: Callable[[Any], W], flushed: list[W]) -> None:
         self.metric = metric
-        self._children: dict[tuple[str, ...], Tally] = {}
-        self._tallies = tallies
+        self._wrap: Callable[[Any], W] = wrap
+        self._children: dict[tuple[str, ...], W] = {}
+        self._flushed: list[W] = flushed
 
-    def labels(self, *values: str) -> Tally:
-        """The tally for these label values (created on first use)."""
+    def labels(self, *values: str) -> W:
+        """The wrapped child for these label values (created on first use)."""
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = Tally(self.metric.labels(*values))
-            self._tallies.append(child)
+            child = self._children[values] = self._wrap(self.metric.labels(*values))
+            self._flushed.append(child)
         return child
+
+
+class CounterFamily(_Flushed[Tally]):
+    """A labelled counter whose children are `Tally`s, created once and flushed when sampled."""
+
+    __slots__ = ()
+
+    def __init__(self, metric: Counter, tallies: list[Tally]) -> None:
+        super().__init__(metric, Tally, tallies)
+
+
+class Spread:
+    """A histogram (or labelled child) whose observations add up in plain numbers until `Metrics.sample`.
+
+    `Histogram.observe` takes a lock for the sum and another for the bucket (about 2 µs); a
+    request observes three to five. Here an observation adds to the sum and one bucket's
+    count, and a sample writes those totals into the histogram (before every collection, and
+    once a second in worker processes). Totals are written, not added: the exported sum is
+    the very one `observe` would have kept, and an observation racing a sample is exported
+    at the next one. Only this wrapper may observe its histogram.
+    """
+
+    __slots__ = ("_bounds", "_counts", "_sum", "histogram")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        # prometheus-client's own bounds (the last is +Inf), one count per bucket value.
+        self._bounds: tuple[float, ...] = tuple(histogram._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        """Observe `amount`: it counts in the first bucket whose bound holds it (NaN in none)."""
+        self._sum += amount
+        i = bisect_left(self._bounds, amount)
+        if amount <= self._bounds[i]:
+            self._counts[i] += 1
+
+    def flush(self) -> None:
+        """Write the sum and the bucket counts into the histogram."""
+        histogram = self.histogram
+        histogram._sum.set(self._sum)
+        for value, count in zip(histogram._buckets, self._counts, strict=True):
+            value.set(count)
+
+
+class SpreadFamily(_Flushed[Spread]):
+    """A labelled histogram whose children are `Spread`s, created once and flushed when sampled."""
+
+    __slots__ = ()
+
+    def __init__(self, metric: Histogram, spreads: list[Spread]) -> None:
+        super().__init__(metric, Spread, spreads)
 
 
 class Level:
@@ -208,6 +266,7 @@ class Metrics:
         self.registry = registry
         self._levels: dict[int, Level] = {}
         self._tallies: list[Tally] = []
+        self._spreads: list[Spread] = []
         # Registered before any gauge, so a collection samples the levels first.
         registry.register(_Sampler(self))
         self.requests = CounterFamily(
@@ -301,50 +360,59 @@ class Metrics:
             ),
             self._tallies,
         )
-        self.score = Histogram(
-            "triage_classifier_score",
-            "Complexity scores of routed requests.",
-            buckets=SCORE_BUCKETS,
-            registry=registry,
+        self.score = self._spread(
+            Histogram(
+                "triage_classifier_score",
+                "Complexity scores of routed requests.",
+                buckets=SCORE_BUCKETS,
+                registry=registry,
+            )
         )
-        self.classifier_duration = Histogram(
-            "triage_classifier_duration_seconds",
-            "Time to score one request.",
-            buckets=CLASSIFIER_BUCKETS,
-            registry=registry,
+        self.classifier_duration = self._spread(
+            Histogram(
+                "triage_classifier_duration_seconds",
+                "Time to score one request.",
+                buckets=CLASSIFIER_BUCKETS,
+                registry=registry,
+            )
         )
-        self.request_duration = Family(
+        self.request_duration = SpreadFamily(
             Histogram(
                 "triage_request_duration_seconds",
                 "Total request time by serving model.",
                 ["model"],
                 buckets=LATENCY_BUCKETS,
                 registry=registry,
-            )
+            ),
+            self._spreads,
         )
-        self.ttft = Family(
+        self.ttft = SpreadFamily(
             Histogram(
                 "triage_time_to_first_token_seconds",
                 "Time to the first streamed event, by model.",
                 ["model"],
                 buckets=LATENCY_BUCKETS,
                 registry=registry,
-            )
+            ),
+            self._spreads,
         )
-        self.upstream_duration = Family(
+        self.upstream_duration = SpreadFamily(
             Histogram(
                 "triage_upstream_duration_seconds",
                 "Time spent waiting on upstreams, by model.",
                 ["model"],
                 buckets=LATENCY_BUCKETS,
                 registry=registry,
-            )
+            ),
+            self._spreads,
         )
-        self.overhead = Histogram(
-            "triage_overhead_seconds",
-            "Gateway time per request: total minus upstream time.",
-            buckets=OVERHEAD_BUCKETS,
-            registry=registry,
+        self.overhead = self._spread(
+            Histogram(
+                "triage_overhead_seconds",
+                "Gateway time per request: total minus upstream time.",
+                buckets=OVERHEAD_BUCKETS,
+                registry=registry,
+            )
         )
         self.inflight = Family(
             Gauge(
@@ -376,14 +444,15 @@ class Metrics:
                 multiprocess_mode="livemostrecent",
             )
         )
-        self.shadow_agreement = Family(
+        self.shadow_agreement = SpreadFamily(
             Histogram(
                 "triage_shadow_agreement",
                 "Agreement in [0, 1] of a student's answer with the teacher's.",
                 ["model"],
                 buckets=SCORE_BUCKETS,
                 registry=registry,
-            )
+            ),
+            self._spreads,
         )
         self.shadow_cost = CounterFamily(
             Counter(
@@ -614,6 +683,11 @@ class Metrics:
             for state in POOL_STATES:
                 self.pool_connections.labels(model, state)
 
+    def _spread(self, histogram: Histogram) -> Spread:
+        spread = Spread(histogram)
+        self._spreads.append(spread)
+        return spread
+
     def level(self, gauge: Gauge) -> Level:
         """The one `Level` behind this gauge (or labelled child): a reloaded gateway gets the same one."""
         level = self._levels.get(id(gauge))
@@ -622,9 +696,11 @@ class Metrics:
         return level
 
     def sample(self) -> None:
-        """Flush every tally and copy every level into its gauge (before a collection, and
+        """Flush every tally and spread and copy every level into its gauge (before a collection, and
         once a second in worker processes)."""
         for tally in self._tallies:
             tally.flush()
+        for spread in self._spreads:
+            spread.flush()
         for level in self._levels.values():
             level.gauge.set(level.value)
