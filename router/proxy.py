@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from classifiers.family import TAG_PATTERN
@@ -51,6 +51,7 @@ from router.logs import ACCESS, UPSTREAM, event
 from router.policy import RequestContext
 from router.quality import check_answer, input_rejection
 from router.records import PASSED
+from router.server import BODY_COMPLETE
 from router.streaming import GatewayStream, stream_attempt
 from router.upstream import ModelPool, UpstreamReply
 
@@ -98,22 +99,32 @@ async def _read_body(request: Request, headers: Headers, limit: int, timeout_s: 
         raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
     chunks = []
     size = 0
-    # A body trickled in byte by byte would otherwise hold its connection forever.
-    deadline = _Deadline(timeout_s)
+    # A body trickled in byte by byte would otherwise hold its connection forever; one that
+    # has all arrived (the server says so in the scope) is read without waiting.
+    deadline = None if request.scope.get(BODY_COMPLETE) else _Deadline(timeout_s)
+    receive = request.receive
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
-            chunks.append(chunk)
+        # What `request.stream()` does, without an async generator around each chunk.
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "http.request":
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"Request body is larger than the {limit}-byte limit.")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            elif kind == "http.disconnect":
+                raise ClientClosed("The client closed the connection before its request body arrived.")
     except asyncio.CancelledError:
-        if not deadline.absorbed():
+        if deadline is None or not deadline.absorbed():
             raise
         raise BodyTimeout(f"The request body did not arrive within {timeout_s:g} s.") from None
-    except ClientDisconnect:
-        raise ClientClosed("The client closed the connection before its request body arrived.") from None
     finally:
-        deadline.cancel()
+        if deadline is not None:
+            deadline.cancel()
     return b"".join(chunks)
 
 

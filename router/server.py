@@ -72,6 +72,7 @@ from router.config import Config, ServerConfig
 from router.errors import error_body
 
 __all__ = [
+    "BODY_COMPLETE",
     "DISCONNECT_HOOK",
     "ConnectionLimits",
     "GatewayProtocol",
@@ -96,6 +97,8 @@ MAX_HEADERS = 128
 # Scope key of a callable the app may set: called when the connection of a request
 # whose response is not complete is lost (uvicorn only tells a task that awaits receive()).
 DISCONNECT_HOOK = "triage.on_disconnect"
+# Scope key set to True once a request's whole body has arrived: reading it cannot wait.
+BODY_COMPLETE = "triage.body_complete"
 
 
 @dataclass(frozen=True)
@@ -403,6 +406,9 @@ class GatewayProtocol(HttpToolsProtocol):
         # The next bytes begin the next request's head.
         self._reading_head = True
         self._head_bytes = 0
+        if self.cycle is not None:
+            # The handler need not time its body read (uvicorn types the scope as a TypedDict).
+            self.cycle.scope[BODY_COMPLETE] = True  # type: ignore[literal-required]
         HttpToolsProtocol.on_message_complete(self)
 
     def on_response_complete(self) -> None:
