@@ -441,28 +441,28 @@ async def _handle(request: Request, fmt: WireFormat, gw: Gateway) -> Response:
         family=family,
     )
     request.scope[_EXCHANGE] = ex
-    return await _serve(ex)
-
-
-async def _serve(ex: Exchange) -> Response:
-    """Run the attempts under the overall request deadline."""
-    gw = ex.gateway
+    # The attempts, under the overall request deadline (run here rather than in a helper
+    # coroutine: each call and suspension of the request passes every coroutine frame).
     gw.retry_budget.on_request()
-    deadline = _Deadline(gw.config.routing.request_deadline_s)
+    deadline = _Deadline(config.routing.request_deadline_s)
     try:
         return await _attempts(ex)
     except asyncio.CancelledError:
         if not deadline.absorbed():
             raise
-        model = ex.decision.model
-        gw.metrics.deadline_exceeded.labels(model.name).inc()
-        exc = UpstreamTimeout(
-            f"the request did not complete within {gw.config.routing.request_deadline_s:g} s"
-        )
-        ex.finish(model.name, ex.decision.reason, exc.status_code, answered=False, note="deadline")
-        return error_response(exc, ex.fmt, ex.headers(None, ex.decision.reason))
+        return _deadline_passed(ex)
     finally:
         deadline.cancel()
+
+
+def _deadline_passed(ex: Exchange) -> Response:
+    """The request deadline ended the attempts: count, record and answer 504."""
+    gw = ex.gateway
+    model = ex.decision.model
+    gw.metrics.deadline_exceeded.labels(model.name).inc()
+    exc = UpstreamTimeout(f"the request did not complete within {gw.config.routing.request_deadline_s:g} s")
+    ex.finish(model.name, ex.decision.reason, exc.status_code, answered=False, note="deadline")
+    return error_response(exc, ex.fmt, ex.headers(None, ex.decision.reason))
 
 
 def _retry_after_s(exc: UpstreamStatus) -> float | None:
