@@ -77,16 +77,23 @@ class _Slots:
         self._in_use_level = in_use
         self._waiting_level = waiting
 
-    async def acquire(self, timeout_s: float | None) -> bool:
-        """Take a slot; wait up to `timeout_s` (None: not at all). False when none came free."""
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits for one; False otherwise."""
         waiters = self._waiters
         while waiters and waiters[0].done():
             waiters.popleft()  # cancelled waiters whose tasks have not run yet
         if self.in_use < self.size and not waiters:
             self._count(1, 0)
             return True
+        return False
+
+    async def acquire(self, timeout_s: float | None) -> bool:
+        """Take a slot; wait up to `timeout_s` (None: not at all). False when none came free."""
+        if self.try_acquire():
+            return True
         if timeout_s is None:
             return False
+        waiters = self._waiters
         fut = asyncio.get_running_loop().create_future()
         waiters.append(fut)
         self._count(0, 1)
@@ -265,7 +272,8 @@ class ModelPool:
         Raises Overloaded (not an upstream error) when no connection slot comes free
         within `pool_timeout_s`, or at once when `wait` is False and none is free.
         """
-        lease = await self._lease(wait)
+        # A free slot is taken without the coroutines that wait for one.
+        lease = _Lease(self._slots) if self._slots.try_acquire() else await self._lease(wait)
         try:
             url = self.endpoints[idx].base_url + path
             with map_upstream_errors(self.name):
@@ -285,7 +293,7 @@ class ModelPool:
 
         The stream holds a connection slot until its `aclose`.
         """
-        lease = await self._lease(True)
+        lease = _Lease(self._slots) if self._slots.try_acquire() else await self._lease(True)
         try:
             url = self.endpoints[idx].base_url + path
             with map_upstream_errors(self.name):
