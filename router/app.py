@@ -213,7 +213,11 @@ class _DisconnectWatch:
             self._task.cancel()
 
     def stop(self) -> None:
+        """The handler is done: disarm, and take the hook out of the scope. The scope and the
+        watch refer to each other; left in place, every request's scope, task and exchange
+        would wait for the cycle collector instead of going when the request ends."""
         self.armed = False
+        self._scope.pop(DISCONNECT_HOOK, None)
 
 
 def create_app(

@@ -480,6 +480,8 @@ async def _attempts(ex: Exchange) -> Response:
     plan = [ex.decision.model]
     if ex.fallback_on and ex.decision.model.role == "student":
         plan.append(gw.teacher)
+    # The last failure, kept without its traceback: that holds this frame, which holds `last`,
+    # a cycle that would keep the whole exchange until the cycle collector runs.
     last: GatewayError | None = None
     made = 0  # attempts sent upstream so far
     for step, model in enumerate(plan):
@@ -530,7 +532,7 @@ async def _attempts(ex: Exchange) -> Response:
             except QualityFailure as exc:
                 pool.mark_ok(idx)
                 verdict = True
-                last = exc
+                last = exc.with_traceback(None)
                 break  # the answer was bad, not the endpoint: go straight to the teacher
             except Overloaded as exc:
                 # No free pooled connection in time: nothing reached the upstream, so this
@@ -552,11 +554,11 @@ async def _attempts(ex: Exchange) -> Response:
                     # The student cannot take this input (too long, images, tools): the teacher may.
                     gw.metrics.fallbacks.labels(model.name, rejected).inc()
                     ex.fallback_reason = rejected
-                    last = exc
+                    last = exc.with_traceback(None)
                     break
                 retry_after = _retry_after_s(exc) if isinstance(exc, UpstreamStatus) else None
                 pool.mark_failed(idx, retry_after if exc.status_code == 429 else None)
-                last = exc
+                last = exc.with_traceback(None)
                 event(
                     UPSTREAM,
                     logging.WARNING,

@@ -76,6 +76,9 @@ class GatewayStream(StreamingResponse):
                 await self.body_iterator.aclose()  # the pump's cleanup, now rather than at GC
             if self.close_upstream is not None:
                 await self.close_upstream()
+            # `abandon` holds the exchange, which holds this response: let go of both now, so a
+            # finished stream is freed by its reference count, not by the cycle collector.
+            self.abandon = self.close_upstream = None
 
 
 # An event as received, the JSON it carries (None for `[DONE]`), and whether it ends the stream.
