@@ -34,6 +34,12 @@ CASES: dict[str, tuple[str, dict[str, Any], Callable[[Upstreams], None]]] = {
         {**CHAT, "stream": True},
         lambda u: setattr(u.small, "mode", "status"),
     ),
+    "chat, quality fallback": ("/v1/chat/completions", CHAT, lambda u: setattr(u.small, "text", "")),
+    "chat, streamed quality fallback": (
+        "/v1/chat/completions",
+        {**CHAT, "stream": True},
+        lambda u: setattr(u.small, "text", "I'm sorry, but I cannot help with that request today."),
+    ),
     "chat, bad request": ("/v1/chat/completions", {"model": "auto", "messages": "hi"}, lambda u: None),
     "responses": ("/v1/responses", {"model": "auto", "input": "Say hi."}, lambda u: None),
     "responses, streamed": (
