@@ -12,6 +12,7 @@ outside valgrind, and prints instructions per request and their ratio.
     .venv/bin/python bench/instructions.py --baseline d9b51c6 --cache-sim     # + simulated cache misses
     .venv/bin/python bench/instructions.py --baseline d9b51c6 --mode pinned   # no scoring
     .venv/bin/python bench/instructions.py --store sqlite    # this checkout, traffic store off and on
+    .venv/bin/python bench/instructions.py --limits          # key limits: off, in process, in Redis
 
 The baseline always sends chat; `--api` picks what this checkout is sent (chat,
 responses or messages), so a translated API's cost shows next to chat's.
@@ -23,6 +24,10 @@ request, and a cycle estimate (instructions + 10 per L1 miss + 100 per last-leve
 a common rule of thumb) that tracks wall time better than instructions alone.
 `--mode pinned` sends `model: student-small`, so the classifier never runs: what is
 left is the gateway's own path.
+
+`--limits` counts this checkout three times: no key limits, one key with every limit on kept
+in process, and the same limits in a redis-server started here (the gateway's own
+instructions; Redis's are not counted).
 
 `--store sqlite|postgres` compares this checkout with the traffic store off and on
 instead of two checkouts. Counting goes on for `STORE_SETTLE_S` after the last answer on
@@ -40,12 +45,24 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import yaml
 from canned import API_PATHS, REPO, CannedUpstream, api_body, ensure_tools, free_port, wait_port
-from gateway import PYTHON, STUDENT, baseline_checkout, probe, store_section, triage_config
+from gateway import (
+    BENCH_KEY,
+    PYTHON,
+    STUDENT,
+    RedisServer,
+    _limits_env,
+    baseline_checkout,
+    limits_config,
+    store_section,
+    triage_config,
+)
 
 # callgrind's event names with --cache-sim=yes, and the cycle estimate's weights.
 _MISSES = {"L1 misses": ("I1mr", "D1mr", "D1mw"), "LL misses": ("ILmr", "DLmr", "DLmw")}
@@ -65,6 +82,7 @@ def _count(
     cache_sim: bool,
     extra: dict[str, object] | None = None,
     settle_s: float = 0.0,
+    auth: str | None = None,
 ) -> dict[str, float]:
     """Events per request of one checkout's `triage serve` (cascade off, plus `extra` config
     sections): `Ir` (instructions), and with `cache_sim` the cache misses and the cycle estimate.
@@ -94,16 +112,19 @@ def _count(
     proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     body = api_body(api, model)
+    headers = {"content-type": "application/json"}
+    if auth is not None:
+        headers["authorization"] = auth
     try:
         wait_port(port, proc, timeout_s=300)
         deadline = time.monotonic() + 120
-        while probe(url, body, API_PATHS[api])[0] != 200:
+        while _probe(url + API_PATHS[api], body, headers) != 200:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name}: no 200 answer")
             time.sleep(1)
-        asyncio.run(_send(url + API_PATHS[api], body, 200))  # warm-up: caches, first-call paths
+        asyncio.run(_send(url + API_PATHS[api], body, 200, headers))  # warm-up: caches, first-call paths
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
-        asyncio.run(_send(url + API_PATHS[api], body, requests))
+        asyncio.run(_send(url + API_PATHS[api], body, requests, headers))
         time.sleep(settle_s)
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
         # Written now: a SIGTERM'd server re-raises the signal, and then callgrind writes nothing.
@@ -133,9 +154,20 @@ def _count(
     return per
 
 
-async def _send(url: str, body: bytes, requests: int, connections: int = 32) -> None:
+def _probe(url: str, body: bytes, headers: dict[str, str]) -> int:
+    """One POST's status (to wait for the server to answer)."""
+    req = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+async def _send(url: str, body: bytes, requests: int, headers: dict[str, str], connections: int = 32) -> None:
     """Exactly `requests` POSTs, `connections` at a time; every answer must be a 200."""
-    headers = {"content-type": "application/json"}
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -168,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("sqlite", "postgres"),
         help="compare this checkout with the traffic store off and on",
     )
+    which.add_argument(
+        "--limits",
+        action="store_true",
+        help="compare this checkout with no key limits, limits in process and limits in Redis",
+    )
     p.add_argument("--api", choices=sorted(API_PATHS), default="chat", help="what this checkout is sent")
     p.add_argument("--requests", type=int, default=2000, help="requests counted per side")
     p.add_argument("--keep", action="store_true", help="keep the callgrind files and logs (printed)")
@@ -180,13 +217,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-sim", action="store_true", help="also simulate the caches (slower)")
     a = p.parse_args(argv)
     model = "auto" if a.mode == "routing" else STUDENT
-    tools = ensure_tools({"nginx": "nginx-light", "valgrind": "valgrind"})
+    needed = {"nginx": "nginx-light", "valgrind": "valgrind"}
+    if a.limits:
+        needed["redis-server"] = "redis-server"
+    tools = ensure_tools(needed)
     tmp = Path(tempfile.mkdtemp(prefix="triage-instr-"))
     try:
         with CannedUpstream(tools["nginx"], tmp / "nginx", "0") as nginx:
-            if a.store is not None:
+            if a.limits:
+                with RedisServer(tools["redis-server"], tmp / "redis", "0") as redis, _limits_env(redis.url):
+                    counts = {}
+                    for side, extra in (
+                        ("no limits", None),
+                        ("in process", limits_config(redis=False)),
+                        ("Redis", limits_config(redis=True)),
+                    ):
+                        counts[side] = _count(
+                            REPO,
+                            nginx.json_url,
+                            tmp,
+                            side.replace(" ", "-"),
+                            a.api,
+                            a.requests,
+                            model,
+                            a.cache_sim,
+                            extra,
+                            auth=None if extra is None else f"Bearer {BENCH_KEY}",
+                        )
+            elif a.store is not None:
                 with store_section(a.store, tmp) as section:
-                    sides = ("store off", f"{a.store} on")
                     settle = STORE_SETTLE_S
                     base = _count(
                         REPO, nginx.json_url, tmp, "off", a.api, a.requests, model, a.cache_sim, None, settle
@@ -203,24 +262,30 @@ def main(argv: list[str] | None = None) -> int:
                         {"store": section},
                         settle,
                     )
+                counts = {"store off": base, f"{a.store} on": this}
             else:
-                sides = (f"{a.baseline} (chat)", f"this ({a.api})")
                 with baseline_checkout(a.baseline, tmp) as checkout:
                     base = _count(
                         checkout, nginx.json_url, tmp, "base", "chat", a.requests, model, a.cache_sim
                     )
                 this = _count(REPO, nginx.json_url, tmp, "this", a.api, a.requests, model, a.cache_sim)
+                counts = {f"{a.baseline} (chat)": base, f"this ({a.api})": this}
     finally:
         if a.keep:
             print(f"files: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"mode {a.mode}, {a.requests} requests a side; per request:")
-    print(f"{'':22} {sides[0]:>16} {sides[1]:>16} {'ratio':>7}")
-    for event, value in base.items():
+    print(f"mode {a.mode}, {a.requests} requests a side; per request, and the ratio to the first side:")
+    sides = list(counts)
+    first = counts[sides[0]]
+    print(f"{'':22} {sides[0]:>16} " + " ".join(f"{side:>16} {'ratio':>7}" for side in sides[1:]))
+    for event, value in first.items():
         label = "instructions" if event == "Ir" else event
-        ratio = this[event] / value if value else float("nan")
-        print(f"{label:22} {value:16,.0f} {this[event]:16,.0f} {ratio:7.3f}")
+        cells = " ".join(
+            f"{counts[side][event]:16,.0f} {counts[side][event] / value if value else float('nan'):7.3f}"
+            for side in sides[1:]
+        )
+        print(f"{label:22} {value:16,.0f} {cells}")
     return 0
 
 
