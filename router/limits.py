@@ -131,6 +131,8 @@ Admission = asyncio.Future[tuple[int, int]]
 # by at most 20 ms, and saves a round trip a request under steady traffic.
 CHARGE_DELAY_S = 0.02
 
+_TIMER_SLACK_S = 0.002
+
 _ADMITTED = 0
 _UNAVAILABLE = -1
 _BUDGET, _TOKENS, _REQUESTS = 1, 2, 3
@@ -332,7 +334,9 @@ class SharedLimits:
         lease = self._leases[name]
         lease.timer = None
         loop = asyncio.get_running_loop()
-        if lease.asking or loop.time() < lease.fresh_until:
+        # uvloop's timers keep whole milliseconds and may fire up to one early: a lease that
+        # has less than that left counts as stale, or re-arming would spin until it is.
+        if lease.asking or loop.time() < lease.fresh_until - _TIMER_SLACK_S:
             if not lease.asking:
                 lease.timer = loop.call_at(lease.fresh_until, self._expire, name)
             return  # topped up meanwhile (a top-up on its way re-arms it when it lands)
