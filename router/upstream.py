@@ -251,6 +251,10 @@ class ModelPool:
         """Requests queued for a connection slot now."""
         return self._slots.waiting
 
+    def _free_lease(self) -> _Lease | None:
+        """A free slot's lease, taken at once (no coroutine), or None: then `_lease` waits."""
+        return _Lease(self._slots) if self._slots.try_acquire() else None
+
     async def _lease(self, wait: bool) -> _Lease:
         timeout_s = self.model.pool_timeout_s
         if not await self._slots.acquire(timeout_s if wait else None):
@@ -272,8 +276,7 @@ class ModelPool:
         Raises Overloaded (not an upstream error) when no connection slot comes free
         within `pool_timeout_s`, or at once when `wait` is False and none is free.
         """
-        # A free slot is taken without the coroutines that wait for one.
-        lease = _Lease(self._slots) if self._slots.try_acquire() else await self._lease(wait)
+        lease = self._free_lease() or await self._lease(wait)
         try:
             url = self.endpoints[idx].base_url + path
             with map_upstream_errors(self.name):
@@ -293,7 +296,7 @@ class ModelPool:
 
         The stream holds a connection slot until its `aclose`.
         """
-        lease = _Lease(self._slots) if self._slots.try_acquire() else await self._lease(True)
+        lease = self._free_lease() or await self._lease(True)
         try:
             url = self.endpoints[idx].base_url + path
             with map_upstream_errors(self.name):
