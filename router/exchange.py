@@ -116,6 +116,28 @@ class Exchange:
         """Whether this model's answer is checked before it is served."""
         return self.quality_on and model.role == "student"
 
+    def explores(self, model: ModelConfig) -> bool:
+        """Draw whether the answer `model` serves, the decision's own choice with a student next
+        in line, is also asked of that student (`routing.explore_rate`)."""
+        return (
+            model is self.decision.model
+            and self.decision.next_student is not None
+            and self.gateway.shadow.sample_explore()
+        )
+
+    def compare(self, model: ModelConfig, leg: Leg, text: str, usage: Usage | None, exploring: bool) -> None:
+        """Start the sampled comparison of the answer `model` served (`text`, `usage` as the
+        upstream reported it): with the teacher when shadowing a student, or with the next
+        student when exploring. `shadowed` says whether one started."""
+        shadow = self.gateway.shadow
+        payload = self.upstream_payload(leg)
+        if not exploring:
+            self.shadowed = shadow.start(model, leg.wire, payload, text, self.request_id, self.capture)
+        elif self.decision.next_student is not None:
+            self.shadowed = shadow.explore(
+                self.decision.next_student, leg.wire, payload, text, usage, self.request_id, self.capture
+            )
+
     def upstream_payload(self, leg: Leg) -> dict[str, Any]:
         """The request in the leg's wire format, before model-specific fields."""
         if leg.translation is None:

@@ -618,19 +618,9 @@ async def _json_attempt(ex: Exchange, pool: ModelPool, idx: int, model: ModelCon
             wire.strip_logprobs(parsed)
             content = orjson.dumps(parsed)
         if gw.shadow.sample():
-            ex.shadowed = gw.shadow.start(
-                model, wire, ex.upstream_payload(leg), answer.text, ex.request_id, ex.capture
-            )
-    elif model is ex.decision.model and ex.decision.next_student is not None and gw.shadow.sample_explore():
-        ex.shadowed = gw.shadow.explore(
-            ex.decision.next_student,
-            wire,
-            ex.upstream_payload(leg),
-            answer.text,
-            wire.usage(parsed),
-            ex.request_id,
-            ex.capture,
-        )
+            ex.compare(model, leg, answer.text, None, exploring=False)
+    elif ex.explores(model):
+        ex.compare(model, leg, answer.text, wire.usage(parsed), exploring=True)
     if ex.capture:
         ex.answer_text = answer.text
     if leg.translation is not None:

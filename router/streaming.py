@@ -212,12 +212,7 @@ async def _pump(
     status = 200
     note: str | None = None
     shadowed = model.role == "student" and gw.shadow.sample()
-    explored = (
-        not shadowed
-        and model is ex.decision.model
-        and ex.decision.next_student is not None
-        and gw.shadow.sample_explore()
-    )
+    explored = not shadowed and ex.explores(model)
     # The answer's text is gathered only for a comparison (either direction) or a captured record.
     collected = StreamAnswer() if shadowed or explored or ex.capture else None
     inflight = gw.metrics.level(gw.metrics.inflight.labels(model.name))
@@ -283,20 +278,8 @@ async def _pump(
             text = "".join(collected.text)
             if ex.capture:
                 ex.answer_text = text
-            if shadowed:
-                ex.shadowed = gw.shadow.start(
-                    model, wire, ex.upstream_payload(leg), text, ex.request_id, ex.capture
-                )
-            elif explored and ex.decision.next_student is not None:
-                ex.shadowed = gw.shadow.explore(
-                    ex.decision.next_student,
-                    wire,
-                    ex.upstream_payload(leg),
-                    text,
-                    usage,
-                    ex.request_id,
-                    ex.capture,
-                )
+            if shadowed or explored:
+                ex.compare(model, leg, text, usage, exploring=explored)
     except UpstreamError as exc:
         status = exc.status_code
         note = exc.message  # the record and the access log say why, as for an answer that failed whole
